@@ -16,7 +16,9 @@ def summarise(records: list[dict[str, Any]], group_by: str) -> list[dict[str, An
         raise ValueError("empty dataset: no records to summarise")
     frame = pd.DataFrame.from_records(records)
     if group_by not in frame.columns:
-        raise ValueError(f"group column {group_by!r} not in the data (columns: {list(frame.columns)})")
+        raise ValueError(
+            f"group column {group_by!r} not in the data (columns: {list(frame.columns)})"
+        )
     measures = [column for column in frame.columns if column != group_by]
     if not measures:
         raise ValueError(f"no measurement columns besides {group_by!r}")

@@ -1,0 +1,114 @@
+"""Helpers for end-to-end tests on the real Docker stack: compose, the CLI, the API."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect.client.orchestration import SyncPrefectClient
+from prefect.client.schemas.objects import FlowRun
+
+ROOT = Path(__file__).resolve().parent.parent
+API_URL = "http://127.0.0.1:4200/api"
+PREFECT = str(Path(sys.executable).with_name("prefect"))  # the host CLI of this environment
+
+
+def dotenv() -> dict[str, str]:
+    """The pins in .env, as `set -a && . ./.env` exports them for the host CLI."""
+    pairs = (line.split("=", 1) for line in (ROOT / ".env").read_text().splitlines())
+    return {key: value for key, value in pairs if key and not key.startswith("#")}
+
+
+def host_env() -> dict[str, str]:
+    """The environment the README's host commands run in."""
+    return {**os.environ, **dotenv(), "PREFECT_API_URL": API_URL}
+
+
+def require_docker() -> None:
+    """Skip without a Docker engine, except under CI=true, where that is a failure."""
+    ok = (
+        shutil.which("docker")
+        and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+    )
+    if not ok:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but no Docker engine is reachable: the e2e tests must run")
+        pytest.skip("no Docker engine reachable")
+
+
+def sh(*args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command in the repo root with the host environment; show its output on failure."""
+    proc = subprocess.run(
+        args, cwd=ROOT, env=host_env(), capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(args)} exited {proc.returncode}\n"
+            f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def compose(*args: str, **kwargs: Any) -> subprocess.CompletedProcess:
+    return sh("docker", "compose", *args, **kwargs)
+
+
+def trigger(deployment: str, *params: str) -> FlowRun:
+    """`prefect deployment run DEPLOYMENT --watch` with the host CLI; the finished run."""
+    args = [a for p in params for a in ("--param", p)]
+    proc = sh(PREFECT, "deployment", "run", deployment, *args, "--watch", check=False)
+    match = re.search(r"UUID:\s*([0-9a-f-]{36})", proc.stdout)
+    assert match, f"no flow run id in the CLI output:\n{proc.stdout}\n{proc.stderr}"
+    return read_run(match.group(1))
+
+
+def api() -> SyncPrefectClient:
+    """A client of the stack's server, whatever other Prefect settings the session has."""
+    return SyncPrefectClient(API_URL)
+
+
+def read_run(run_id: Any) -> FlowRun:
+    with api() as client:
+        return client.read_flow_run(run_id)
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 60, every: float = 0.5) -> Any:
+    """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+def container_starts(since: float) -> dict[str, dict[str, str]]:
+    """Flow-run containers started since `since` (epoch s): flow run id -> container attributes."""
+    proc = sh(
+        "docker", "events", "--since", f"{since:.0f}", "--until", f"{time.time():.0f}",
+        "--filter", "type=container", "--filter", "event=start",
+        "--filter", "label=io.prefect.flow-run-id", "--format", "{{json .}}",
+    )  # fmt: skip
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    return {
+        e["Actor"]["Attributes"]["io.prefect.flow-run-id"]: {
+            "id": e["Actor"]["ID"],
+            **e["Actor"]["Attributes"],
+        }
+        for e in events
+    }
+
+
+def read_output(name: str) -> dict[str, Any]:
+    """A pipeline output file from the output volume, read through the `cli` service."""
+    proc = compose("run", "--rm", "-T", "cli", "cat", f"/output/{name}.json")
+    return json.loads(proc.stdout)
