@@ -22,8 +22,8 @@ PREFECT = str(Path(sys.executable).with_name("prefect"))  # the host CLI of this
 
 def dotenv() -> dict[str, str]:
     """The pins in .env, as `set -a && . ./.env` exports them for the host CLI."""
-    pairs = (line.split("=", 1) for line in (ROOT / ".env").read_text().splitlines())
-    return {key: value for key, value in pairs if key and not key.startswith("#")}
+    lines = (ROOT / ".env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
 
 
 def host_env() -> dict[str, str]:
