@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CLI := docker compose run --rm cli prefect
 
-.PHONY: pipeline up deploy run test lint down clean
+.PHONY: pipeline up deploy run versions rollback test lint down clean
 
 pipeline: up deploy run  ## Stack up, deploy every component, run the pipeline once
 
@@ -15,6 +15,12 @@ deploy:
 
 run:
 	$(CLI) deployment run main-flow/main --watch
+
+versions:  ## make versions C=subflow
+	docker compose run --rm cli python versions.py list $(C)
+
+rollback:  ## make rollback C=subflow TAG=<tag from make versions>
+	docker compose run --rm cli python versions.py rollback $(C) $(TAG)
 
 $(BIN)/pytest: pyproject.toml subflow/requirements.txt main_flow/requirements.txt
 	python3 -m venv $(VENV)

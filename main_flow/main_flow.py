@@ -17,9 +17,18 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled, Cancelling
 from prefect.variables import Variable
 
-# The contract with the subflow component: deployment name, parameters and result keys.
+# The contract with the subflow component: its deployment, the parameters passed (see
+# `subflow_parameters`) and the result keys read, with their types. tests/test_contract.py
+# checks all three against the subflow's real signature.
 SUBFLOW_DEPLOYMENT = "subflow/subflow"
-RESULT_KEYS = ("rows", "groups", "summary", "report", "variable")
+SUBFLOW_RESULT: dict[str, type] = {
+    "rows": int,
+    "groups": int,
+    "summary": list,
+    "report": str,
+    "variable": str,
+    "image": str,
+}
 COMPONENT_DIR = Path(__file__).resolve().parent
 
 
@@ -66,13 +75,18 @@ def parse_csv(text: str, source: str) -> list[dict[str, str]]:
     return records
 
 
+def subflow_parameters(records: list[dict[str, str]], source: str) -> dict[str, Any]:
+    """The parameters of one subflow run."""
+    return {"records": records, "source": source}
+
+
 def call_subflow(
     records: list[dict[str, str]], source: str, timeout_s: float, poll_interval_s: float
-) -> dict[str, Any]:
-    """Run the subflow deployment as a child run, wait for it, and return its result."""
+) -> tuple[UUID, dict[str, Any]]:
+    """Run the subflow deployment as a child run, wait for it; its run id and result."""
     child = run_deployment(
         SUBFLOW_DEPLOYMENT,
-        parameters={"records": records, "source": source},
+        parameters=subflow_parameters(records, source),
         timeout=timeout_s,
         poll_interval=poll_interval_s,
     )
@@ -87,10 +101,10 @@ def call_subflow(
     if not state.is_completed():
         raise PipelineError(f"subflow run {child.name!r} ended {state.name}: {state.message}")
     result = state.result()
-    missing = [key for key in RESULT_KEYS if key not in result]
-    if missing:
-        raise PipelineError(f"subflow result lacks {missing}; got keys {sorted(result)}")
-    return result
+    wrong = [k for k, kind in SUBFLOW_RESULT.items() if not isinstance(result.get(k), kind)]
+    if wrong:
+        raise PipelineError(f"subflow result lacks or mistypes {wrong}: {str(result)[:300]}")
+    return child.id, result
 
 
 def cancel(run_id: UUID, reason: str) -> None:
@@ -129,13 +143,21 @@ def main_flow(
 ) -> dict[str, Any]:
     """Fetch `source`, have the subflow summarise it, and store the result in `output_dir`."""
     logger = get_run_logger()
+    image = tag_run_with_image()
     records = fetch(source)
     logger.info("fetched %d records from %s", len(records), source)
-    result = call_subflow(records, source, subflow_timeout_s, poll_interval_s)
+    child_id, result = call_subflow(records, source, subflow_timeout_s, poll_interval_s)
     published = Variable.get(result["variable"])
     if published != result["summary"]:
         raise PipelineError(f"Variable {result['variable']!r} does not match the subflow result")
-    output = {"source": source, "main_flow_run_id": str(flow_run.id), **result}
+    output = {
+        "source": source,
+        "main_flow_run_id": str(flow_run.id),
+        "main_image": image,
+        "subflow_run_id": str(child_id),
+        "subflow_image": result.pop("image"),
+        **result,
+    }
     path = store_output(output, output_dir, str(flow_run.id))
     create_markdown_artifact(
         key="pipeline-output",
@@ -144,3 +166,11 @@ def main_flow(
     )
     logger.info("stored the pipeline output in %s", path)
     return output
+
+
+def tag_run_with_image() -> str:
+    """Tag this run with the image it runs in (set by the deployment): the UI shows what ran."""
+    image = os.environ.get("COMPONENT_IMAGE", "unknown")
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, tags=[*flow_run.tags, f"image:{image}"])
+    return image

@@ -1,12 +1,24 @@
 """Subflow: summarise records per group, report it, publish it as a Variable, return it."""
 
-from typing import Any
+import os
+from typing import Any, TypedDict
 
 import pandas as pd
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.variables import Variable
+
+
+class SubflowResult(TypedDict):
+    """What callers get back: the contract, together with the flow's parameters."""
+
+    rows: int
+    groups: int
+    summary: list[dict[str, Any]]
+    report: str
+    variable: str
+    image: str
 
 
 @task
@@ -47,8 +59,9 @@ def render_report(summary: list[dict[str, Any]], source: str, rows: int, group_b
 @flow(name="subflow", persist_result=True, result_serializer="json")
 def subflow(
     records: list[dict[str, Any]], source: str = "unknown", group_by: str = "species"
-) -> dict[str, Any]:
+) -> SubflowResult:
     """Summarise `records` by `group_by`; return the summary and publish it as a Variable."""
+    image = tag_run_with_image()
     summary = summarise(records, group_by)
     report = render_report(summary, source, len(records), group_by)
     create_markdown_artifact(key="subflow-report", markdown=report, description=source)
@@ -56,10 +69,19 @@ def subflow(
     variable = f"subflow-output-{flow_run.id}"
     Variable.set(variable, summary, tags=["subflow-output"])
     get_run_logger().info("published the summary as Variable %s", variable)
-    return {
-        "rows": len(records),
-        "groups": len(summary),
-        "summary": summary,
-        "report": report,
-        "variable": variable,
-    }
+    return SubflowResult(
+        rows=len(records),
+        groups=len(summary),
+        summary=summary,
+        report=report,
+        variable=variable,
+        image=image,
+    )
+
+
+def tag_run_with_image() -> str:
+    """Tag this run with the image it runs in (set by the deployment): the UI shows what ran."""
+    image = os.environ.get("COMPONENT_IMAGE", "unknown")
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, tags=[*flow_run.tags, f"image:{image}"])
+    return image

@@ -6,6 +6,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from e2e import stack  # noqa: F401  (the session-wide Docker stack fixture)
 from prefect.testing.utilities import prefect_test_harness
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,9 +23,9 @@ IRIS_SETOSA = {
 }
 
 
-def load_component(name: str) -> ModuleType:
-    """Import `<name>/<name>.py` as a module of its own, the way its container sees it."""
-    path = ROOT / name / f"{name}.py"
+def load_component(name: str, root: Path = ROOT) -> ModuleType:
+    """Import `<root>/<name>/<name>.py` as a module of its own, the way its container sees it."""
+    path = root / name / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"component_{name}", path)
     assert spec and spec.loader, path
     module = importlib.util.module_from_spec(spec)

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from prefect.client.orchestration import SyncPrefectClient
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 from prefect.client.schemas.objects import FlowRun
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,10 +44,12 @@ def require_docker() -> None:
         pytest.skip("no Docker engine reachable")
 
 
-def sh(*args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
-    """Run a command in the repo root with the host environment; show its output on failure."""
+def sh(
+    *args: str, timeout: float = 900, check: bool = True, cwd: Path = ROOT
+) -> subprocess.CompletedProcess:
+    """Run a command with the host environment; show its output on failure."""
     proc = subprocess.run(
-        args, cwd=ROOT, env=host_env(), capture_output=True, text=True, timeout=timeout
+        args, cwd=cwd, env=host_env(), capture_output=True, text=True, timeout=timeout
     )
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -60,13 +63,74 @@ def compose(*args: str, **kwargs: Any) -> subprocess.CompletedProcess:
     return sh("docker", "compose", *args, **kwargs)
 
 
-def trigger(deployment: str, *params: str) -> FlowRun:
-    """`prefect deployment run DEPLOYMENT --watch` with the host CLI; the finished run."""
-    args = [a for p in params for a in ("--param", p)]
-    proc = sh(PREFECT, "deployment", "run", deployment, *args, "--watch", check=False)
+def trigger(deployment: str, *params: str, watch: bool = True) -> FlowRun:
+    """`prefect deployment run DEPLOYMENT [--watch]` with the host CLI; the (finished) run."""
+    args = [a for p in params for a in ("--param", p)] + (["--watch"] if watch else [])
+    proc = sh(PREFECT, "deployment", "run", deployment, *args, check=False)
     match = re.search(r"UUID:\s*([0-9a-f-]{36})", proc.stdout)
     assert match, f"no flow run id in the CLI output:\n{proc.stdout}\n{proc.stderr}"
     return read_run(match.group(1))
+
+
+def deploy(*names: str, cwd: Path = ROOT) -> float:
+    """`prefect deploy --name NAME ...` (or `--all`) with the host CLI; its wall time in seconds."""
+    args = [a for n in names for a in ("--name", n)] or ["--all"]
+    started = time.monotonic()
+    sh(PREFECT, "--no-prompt", "deploy", *args, cwd=cwd, timeout=1800)
+    return time.monotonic() - started
+
+
+def project_copy(directory: Path) -> Path:
+    """A copy of the project's deployable part, to change a component without touching the repo."""
+    for name in (".env", "prefect.yaml"):
+        shutil.copy(ROOT / name, directory / name)
+    for component in ("main_flow", "subflow"):
+        shutil.copytree(ROOT / component, directory / component, ignore=IGNORED)
+    return directory
+
+
+IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc")
+
+
+def child_of(run_id: Any, timeout: float = 60) -> FlowRun:
+    """The one subflow run that a main run started."""
+
+    def find() -> list[FlowRun]:
+        with api() as client:
+            return client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id])
+                )
+            )
+
+    children = wait_for(f"a child run of {run_id}", find, timeout=timeout)
+    assert len(children) == 1, children
+    return children[0]
+
+
+def wait_final(run_id: Any, timeout: float = 300) -> FlowRun:
+    """Wait for a run to reach a final state."""
+    return wait_for(
+        f"run {run_id} to finish",
+        lambda: (run := read_run(run_id)).state.is_final() and run,
+        timeout=timeout,
+    )
+
+
+def deployment(name: str) -> Any:
+    """A registered deployment by its full name, e.g. subflow/subflow."""
+    with api() as client:
+        return client.read_deployment_by_name(name)
+
+
+def has_pandas(image: str) -> bool:
+    probe = "import importlib.util as u; print(u.find_spec('pandas') is not None)"
+    return sh("docker", "run", "--rm", image, "python", "-c", probe).stdout.strip() == "True"
+
+
+def containers_of(run_id: Any) -> str:
+    """Ids of the containers (running or not) of a flow run."""
+    return sh("docker", "ps", "-aq", "--filter", f"label=io.prefect.flow-run-id={run_id}").stdout
 
 
 def api() -> SyncPrefectClient:
@@ -112,3 +176,14 @@ def read_output(name: str) -> dict[str, Any]:
     """A pipeline output file from the output volume, read through the `cli` service."""
     proc = compose("run", "--rm", "-T", "cli", "cat", f"/output/{name}.json")
     return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="session")
+def stack():
+    """A clean stack with every deployment registered, shared by all e2e tests, then removed."""
+    require_docker()
+    compose("down", "-v", "--remove-orphans")
+    compose("up", "-d", "--build", "--wait", timeout=1200)
+    compose("run", "--rm", "-T", "cli", "prefect", "deploy", "--all", timeout=1800)
+    yield
+    compose("down", "-v", "--remove-orphans")

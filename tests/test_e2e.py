@@ -4,26 +4,19 @@ import time
 
 import pytest
 from conftest import IRIS_SETOSA
-from e2e import api, compose, container_starts, read_output, require_docker, sh, trigger, wait_for
-from prefect.client.schemas.filters import (
-    ArtifactFilter,
-    ArtifactFilterFlowRunId,
-    FlowRunFilter,
-    FlowRunFilterParentFlowRunId,
+from e2e import (
+    api,
+    child_of,
+    container_starts,
+    containers_of,
+    has_pandas,
+    read_output,
+    trigger,
+    wait_for,
 )
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def stack():
-    """A clean stack with both deployments registered; torn down with its volumes afterwards."""
-    require_docker()
-    compose("down", "-v", "--remove-orphans")
-    compose("up", "-d", "--build", "--wait", timeout=1200)
-    compose("run", "--rm", "-T", "cli", "prefect", "deploy", "--all", timeout=1800)
-    yield
-    compose("down", "-v", "--remove-orphans")
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +24,7 @@ def pipeline_run(stack):
     """One pipeline run of the default dataset: (main run, subflow run, start time)."""
     started = time.time() - 1
     main = trigger("main-flow/main")
-    with api() as client:
-        children = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(
-                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[main.id])
-            )
-        )
-    assert len(children) == 1, children
-    return main, children[0], started
+    return main, child_of(main.id), started
 
 
 def test_pipeline_run_completes_and_links_the_subflow_as_its_child(pipeline_run):
@@ -72,21 +58,19 @@ def test_each_flow_ran_in_its_own_container_from_its_own_image(pipeline_run):
         wait_for(f"container of run {run.id} to be removed", lambda r=run: not containers_of(r.id))
 
 
-def has_pandas(image: str) -> bool:
-    probe = "import importlib.util as u; print(u.find_spec('pandas') is not None)"
-    return sh("docker", "run", "--rm", image, "python", "-c", probe).stdout.strip() == "True"
-
-
-def containers_of(run_id) -> str:
-    return sh("docker", "ps", "-aq", "--filter", f"label=io.prefect.flow-run-id={run_id}").stdout
-
-
 def test_subflow_result_reaches_the_main_flow_and_lands_in_the_output(pipeline_run):
     main, child, _ = pipeline_run
     output = read_output(str(main.id))
     assert output["main_flow_run_id"] == str(main.id)
     assert output["source"] == "data/iris.csv"
     assert output["rows"] == 150 and output["groups"] == 3
+    assert output["subflow_run_id"] == str(child.id)
+    with api() as client:
+        for run, key in ((main, "main_image"), (child, "subflow_image")):
+            image = client.read_deployment(run.deployment_id).job_variables["image"]
+            assert output[key] == image
+            # Each run is tagged with the image it ran in, visible in the UI and the API.
+            assert f"image:{image}" in client.read_flow_run(run.id).tags
     assert output["summary"][0] == IRIS_SETOSA
     assert output["variable"] == f"subflow-output-{child.id}"
     assert "150 rows from `data/iris.csv` in 3 groups" in output["report"]
