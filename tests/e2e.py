@@ -128,9 +128,10 @@ def has_pandas(image: str) -> bool:
     return sh("docker", "run", "--rm", image, "python", "-c", probe).stdout.strip() == "True"
 
 
-def containers_of(run_id: Any) -> str:
-    """Ids of the containers (running or not) of a flow run."""
-    return sh("docker", "ps", "-aq", "--filter", f"label=io.prefect.flow-run-id={run_id}").stdout
+def containers_of(run_id: Any, running: bool = False) -> str:
+    """Ids of the containers of a flow run: all of them, or only the running ones."""
+    flags = "-q" if running else "-aq"
+    return sh("docker", "ps", flags, "--filter", f"label=io.prefect.flow-run-id={run_id}").stdout
 
 
 def api() -> SyncPrefectClient:
