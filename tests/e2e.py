@@ -82,6 +82,7 @@ def deploy(*names: str, cwd: Path = ROOT) -> float:
 
 def project_copy(directory: Path) -> Path:
     """A copy of the project's deployable part, to change a component without touching the repo."""
+    directory.mkdir(parents=True, exist_ok=True)
     for name in (".env", "prefect.yaml"):
         shutil.copy(ROOT / name, directory / name)
     for component in ("main_flow", "subflow"):

@@ -42,6 +42,12 @@ def image_id(image: str) -> str:
     return sh("docker", "image", "inspect", "--format", "{{.Id}}", image).stdout.strip()
 
 
+def local_images() -> set[str]:
+    """Every image tag in this engine, with its id."""
+    listing = sh("docker", "images", "--no-trunc", "--format", "{{.Repository}}:{{.Tag}} {{.ID}}")
+    return set(listing.stdout.splitlines())
+
+
 @pytest.fixture
 def restore(stack):
     """Redeploy the repository's subflow after a test that deployed another version."""
@@ -128,15 +134,15 @@ def test_rollback_to_an_earlier_version_without_a_build(stack, restore, tmp_path
     tag1, tag2 = v1.rsplit(":", 1)[1], v2.rsplit(":", 1)[1]
 
     listing = compose("run", "--rm", "-T", "cli", "python", "versions.py", "list", "subflow")
-    lines = listing.stdout.splitlines()
-    assert f"* {tag2}" in lines[0] and any(line.startswith(f"  {tag1}") for line in lines)
+    marks = {line.split()[-2]: line.startswith("*") for line in listing.stdout.splitlines()}
+    assert marks[tag2] and not marks[tag1], listing.stdout
 
     # Remove v1 from this engine: the run below must pull it from the registry, not rebuild.
     sh("docker", "image", "rm", v1)
-    images_before = sh("docker", "images", "-q", "--no-trunc").stdout
+    images_before = local_images()
     rollback = ("run", "--rm", "-T", "cli", "python", "versions.py", "rollback", "subflow", tag1)
     assert f"now runs {v1}" in compose(*rollback).stdout
-    assert sh("docker", "images", "-q", "--no-trunc").stdout == images_before
+    assert local_images() == images_before
     assert deployment("subflow/subflow").job_variables["image"] == v1
     assert deployment("subflow/subflow").version == tag1
 
@@ -204,6 +210,6 @@ def test_add_a_component_by_editing_the_yaml(stack, tmp_path):
     # Its persisted result, read from the shared results volume.
     stored = compose(
         "run", "--rm", "-T", "-v", "modular-pipeline-results:/results:ro", "cli",
-        "cat", run.state.data["storage_key"],
+        "cat", run.state.data.storage_key,
     ).stdout  # fmt: skip
     assert "hello platform" in stored and image in stored
