@@ -13,6 +13,7 @@ import httpx
 from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Cancelling
 from prefect.variables import Variable
@@ -84,12 +85,18 @@ def call_subflow(
     records: list[dict[str, str]], source: str, timeout_s: float, poll_interval_s: float
 ) -> tuple[UUID, dict[str, Any]]:
     """Run the subflow deployment as a child run, wait for it; its run id and result."""
-    child = run_deployment(
-        SUBFLOW_DEPLOYMENT,
-        parameters=subflow_parameters(records, source),
-        timeout=timeout_s,
-        poll_interval=poll_interval_s,
-    )
+    try:
+        child = run_deployment(
+            SUBFLOW_DEPLOYMENT,
+            parameters=subflow_parameters(records, source),
+            timeout=timeout_s,
+            poll_interval=poll_interval_s,
+        )
+    except ObjectNotFound as exc:
+        raise PipelineError(
+            f"deployment {SUBFLOW_DEPLOYMENT!r} not found: register it with "
+            "`prefect deploy --name subflow`"
+        ) from exc
     state = child.state
     if state is None or not state.is_final():
         cancel(child.id, f"main flow stopped waiting after {timeout_s}s")
