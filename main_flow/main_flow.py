@@ -82,20 +82,24 @@ def subflow_parameters(records: list[dict[str, str]], source: str) -> dict[str, 
 
 
 def call_subflow(
-    records: list[dict[str, str]], source: str, timeout_s: float, poll_interval_s: float
+    deployment: str,
+    records: list[dict[str, str]],
+    source: str,
+    timeout_s: float,
+    poll_interval_s: float,
 ) -> tuple[UUID, dict[str, Any]]:
     """Run the subflow deployment as a child run, wait for it; its run id and result."""
     try:
         child = run_deployment(
-            SUBFLOW_DEPLOYMENT,
+            deployment,
             parameters=subflow_parameters(records, source),
             timeout=timeout_s,
             poll_interval=poll_interval_s,
         )
     except ObjectNotFound as exc:
         raise PipelineError(
-            f"deployment {SUBFLOW_DEPLOYMENT!r} not found: register it with "
-            "`prefect deploy --name subflow`"
+            f"deployment {deployment!r} not found: register it with "
+            f"`prefect deploy --name {deployment.split('/')[-1]}`"
         ) from exc
     state = child.state
     if state is None or not state.is_final():
@@ -147,13 +151,16 @@ def main_flow(
     output_dir: str = "/output",
     subflow_timeout_s: float = 300.0,
     poll_interval_s: float = 1.0,
+    subflow_deployment: str = SUBFLOW_DEPLOYMENT,
 ) -> dict[str, Any]:
     """Fetch `source`, have the subflow summarise it, and store the result in `output_dir`."""
     logger = get_run_logger()
     image = tag_run_with_image()
     records = fetch(source)
     logger.info("fetched %d records from %s", len(records), source)
-    child_id, result = call_subflow(records, source, subflow_timeout_s, poll_interval_s)
+    child_id, result = call_subflow(
+        subflow_deployment, records, source, subflow_timeout_s, poll_interval_s
+    )
     published = Variable.get(result["variable"])
     if published != result["summary"]:
         raise PipelineError(f"Variable {result['variable']!r} does not match the subflow result")
