@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CLI := docker compose run --rm cli prefect
 
-.PHONY: pipeline up deploy run versions rollback test lint down clean
+.PHONY: pipeline up deploy run versions rollback test lint bench down clean
 
 pipeline: up deploy run  ## Stack up, deploy every component, run the pipeline once
 
@@ -30,12 +30,15 @@ $(BIN)/pytest: pyproject.toml subflow/requirements.txt main_flow/requirements.tx
 test: $(BIN)/pytest lint  ## Unit, config and Docker end-to-end tests
 	$(BIN)/pytest
 
+bench: $(BIN)/pytest  ## Latency, hops, throughput and redeploy time, docker vs process workers
+	$(BIN)/python bench/benchmark.py
+
 lint: $(BIN)/pytest
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 down:
-	docker compose down
+	docker compose -f docker-compose.yml -f bench/compose.baseline.yml down
 
 clean:  ## Also deletes the volumes: server database, registry, results and outputs
-	docker compose down -v --remove-orphans
+	docker compose -f docker-compose.yml -f bench/compose.baseline.yml down -v --remove-orphans

@@ -152,7 +152,7 @@ def spread(values: list[float]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5, help="latency runs per design")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[10, 20])
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[10, 20])
     parser.add_argument("--redeploys", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
     parser.add_argument("--skip-setup", action="store_true", help="stack already up and deployed")
@@ -170,8 +170,10 @@ def main() -> None:
                 samples[design].append(latency(client, design))
         for design, runs in samples.items():
             results["latency"][design] = {k: spread([r[k] for r in runs]) for k in runs[0]}
+        args.out.write_text(json.dumps(results, indent=2))  # partial results survive a failure
         for n in args.concurrency:
             results["throughput"][n] = {d: throughput(client, d, n) for d in DESIGNS}
+            args.out.write_text(json.dumps(results, indent=2))
     try:
         results["redeploy"] = spread([redeploy_seconds() for _ in range(args.redeploys)])
     finally:

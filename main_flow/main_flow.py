@@ -150,7 +150,7 @@ def main_flow(
     source: str = "data/iris.csv",
     output_dir: str = "/output",
     subflow_timeout_s: float = 300.0,
-    poll_interval_s: float = 1.0,
+    poll_interval_s: float = 0.5,
     subflow_deployment: str = SUBFLOW_DEPLOYMENT,
 ) -> dict[str, Any]:
     """Fetch `source`, have the subflow summarise it, and store the result in `output_dir`."""
