@@ -25,8 +25,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect.client.orchestration import SyncPrefectClient
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "10")  # as the flows and workers do
+
+from prefect.client.orchestration import SyncPrefectClient  # noqa: E402
+from prefect.client.schemas.filters import (  # noqa: E402
+    FlowRunFilter,
+    FlowRunFilterParentFlowRunId,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 API_URL = "http://127.0.0.1:4200/api"
@@ -50,6 +55,10 @@ def setup() -> None:
     cli = [*COMPOSE, "run", "--rm", "-T", "cli", "prefect"]
     run(*cli, "deploy", "--all")
     run(*cli, "deploy", "--prefect-file", "bench/prefect.yaml", "--all")
+    # The same concurrency limits as the docker pools (docker-compose.yml, `pools`).
+    limits = {"flow-process-pool": "FLOW_POOL_LIMIT", "subflow-process-pool": "SUBFLOW_POOL_LIMIT"}
+    for pool, variable in limits.items():
+        run(*cli, "work-pool", "set-concurrency-limit", pool, os.environ.get(variable, "10"))
 
 
 def timestamps(client: SyncPrefectClient, run_id: Any) -> dict[str, float]:
