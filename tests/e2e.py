@@ -93,20 +93,21 @@ def project_copy(directory: Path) -> Path:
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc")
 
 
-def child_of(run_id: Any, timeout: float = 60) -> FlowRun:
-    """The one subflow run that a main run started."""
-
-    def find() -> list[FlowRun]:
-        with api() as client:
-            return client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(
-                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id])
-                )
+def children(run_id: Any) -> list[FlowRun]:
+    """The subflow runs that a main run started."""
+    with api() as client:
+        return client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id])
             )
+        )
 
-    children = wait_for(f"a child run of {run_id}", find, timeout=timeout)
-    assert len(children) == 1, children
-    return children[0]
+
+def child_of(run_id: Any, timeout: float = 60) -> FlowRun:
+    """The one subflow run that a main run started, once it exists."""
+    found = wait_for(f"a child run of {run_id}", lambda: children(run_id), timeout=timeout)
+    assert len(found) == 1, found
+    return found[0]
 
 
 def wait_final(run_id: Any, timeout: float = 300) -> FlowRun:

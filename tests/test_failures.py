@@ -10,6 +10,7 @@ from e2e import (
     PREFECT,
     api,
     child_of,
+    children,
     compose,
     containers_of,
     deploy,
@@ -21,7 +22,6 @@ from e2e import (
     wait_final,
     wait_for,
 )
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 from prefect.exceptions import PrefectHTTPStatusError
 
 pytestmark = pytest.mark.e2e
@@ -73,15 +73,6 @@ def data_server(stack, tmp_path_factory):
 def output_exists(run_id) -> bool:
     probe = compose("run", "--rm", "-T", "cli", "test", "-e", f"/output/{run_id}.json", check=False)
     return probe.returncode == 0
-
-
-def children(run_id) -> list:
-    with api() as client:
-        return client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(
-                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id])
-            )
-        )
 
 
 def test_subflow_failure_fails_the_pipeline(data_server):
