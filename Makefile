@@ -1,9 +1,10 @@
 # Shortcuts for the commands in README.md; each target shows the plain command it runs.
 VENV ?= .venv
 BIN := $(VENV)/bin
-CLI := docker compose run --rm cli prefect
+CLI := docker compose run --rm cli
 
-.PHONY: pipeline up deploy run versions rollback test lint bench down clean
+.PHONY: pipeline up deploy run output versions rollback replay retention component \
+	test test-unit lint lock bench down clean
 
 pipeline: up deploy run  ## Stack up, deploy every component, run the pipeline once
 
@@ -11,34 +12,54 @@ up:
 	docker compose up -d --build --wait
 
 deploy:
-	$(CLI) deploy --all
+	$(CLI) prefect deploy --all
 
 run:
-	$(CLI) deployment run main-flow/main --watch
+	$(CLI) prefect deployment run main-flow/main --watch
+
+output:  ## make output RUN=<main run id>   (file data store)
+	$(CLI) cat /data/runs/$(RUN)/output.json
 
 versions:  ## make versions C=subflow
-	docker compose run --rm cli python versions.py list $(C)
+	$(CLI) python tools/versions.py list $(C)
 
 rollback:  ## make rollback C=subflow TAG=<tag from make versions>
-	docker compose run --rm cli python versions.py rollback $(C) $(TAG)
+	$(CLI) python tools/versions.py rollback $(C) $(TAG)
 
-$(BIN)/pytest: pyproject.toml subflow/requirements.txt main_flow/requirements.txt
+replay:  ## make replay RUN=<main run id>: the same input, the same component images
+	$(CLI) python tools/replay.py $(RUN) --watch
+
+retention:  ## make retention DAYS=30
+	$(CLI) prefect deployment run retention/retention --param days=$(DAYS) --watch
+
+component: $(BIN)/pytest  ## make component NAME=enrich
+	$(BIN)/python tools/component.py $(NAME)
+
+$(BIN)/pytest: requirements-dev.lock
 	python3 -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[dev]' -r subflow/requirements.txt -r main_flow/requirements.txt
+	$(BIN)/pip install -q --require-hashes -r requirements-dev.lock
 	touch $@
 
-test: $(BIN)/pytest lint  ## Unit, config and Docker end-to-end tests
+test: lint  ## Lint, unit tests, then the e2e tests on a stack of their own
 	$(BIN)/pytest
 
-bench: $(BIN)/pytest  ## Latency, hops, throughput and redeploy time, docker vs process workers
-	$(BIN)/python bench/benchmark.py
+test-unit: $(BIN)/pytest  ## Everything but the Docker tests, in seconds
+	$(BIN)/pytest -m "not e2e"
 
 lint: $(BIN)/pytest
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-down:
-	docker compose -f docker-compose.yml -f bench/compose.baseline.yml down
+lock: $(BIN)/pytest  ## Recompile every requirements.lock and requirements-dev.lock
+	$(BIN)/python tools/lock.py
 
-clean:  ## Also deletes the volumes: server database, registry, results and outputs
-	docker compose -f docker-compose.yml -f bench/compose.baseline.yml down -v --remove-orphans
+bench: $(BIN)/pytest  ## Latency, hops, sizes, throughput, redeploys: docker vs process workers
+	$(BIN)/python bench/benchmark.py
+
+down:  ## Stop your stack; volumes (database, registry, data) stay
+	docker compose down
+
+clean:  ## Also delete your stack's volumes (secrets stay in .secrets/): asks first, unless CONFIRM=1
+	@[ "$(CONFIRM)" = 1 ] || { printf 'Delete the database, the registry and all pipeline data of this stack? [y/N] '; \
+		read answer; [ "$$answer" = y ]; } || { echo aborted; exit 1; }
+	docker compose down -v --remove-orphans

@@ -1,41 +1,66 @@
-"""Shared test helpers: load each component from its own directory, never by cross-import."""
+"""The e2e tests' stack: a compose project of their own, beside (never instead of) the user's."""
 
-import importlib.util
-import sys
+import csv
+import io
+import tempfile
 from pathlib import Path
-from types import ModuleType
 
 import pytest
-from e2e import stack  # noqa: F401  (the session-wide Docker stack fixture)
-from prefect.testing.utilities import prefect_test_harness
+from conftest import IRIS
+from harness import CI, Stack, docker_available
 
-ROOT = Path(__file__).resolve().parent.parent
-IRIS = ROOT / "main_flow" / "data" / "iris.csv"
-
-# Means of the shipped Iris data per species (Fisher, 1936), computed independently of the flows.
-IRIS_SETOSA = {
-    "species": "setosa",
-    "count": 50,
-    "mean_sepal_length": 5.006,
-    "mean_sepal_width": 3.428,
-    "mean_petal_length": 1.462,
-    "mean_petal_width": 0.246,
-}
+DATA = Path(tempfile.mkdtemp(prefix="pipeline-testdata-"))  # served by tests/compose.yml `testdata`
+DATA_URL = "http://testdata:8000"
+TEST = Stack(
+    "modular-pipeline-test",
+    prefect_port=14200,
+    registry_port=15000,
+    s3_port=19000,
+    overrides={"SOURCE_ALLOW_HOSTS": "testdata", "TEST_DATA": str(DATA)},
+)
 
 
-def load_component(name: str, root: Path = ROOT) -> ModuleType:
-    """Import `<root>/<name>/<name>.py` as a module of its own, the way its container sees it."""
-    path = root / name / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"component_{name}", path)
-    assert spec and spec.loader, path
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def iris_rows() -> list[dict[str, str]]:
+    with IRIS.open() as file:
+        return list(csv.DictReader(file))
+
+
+def to_csv(rows: list[dict[str, str]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
 
 
 @pytest.fixture(scope="session")
-def prefect_api():
-    """A temporary local Prefect server and database for flow-level unit tests."""
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+def serve(stack):
+    """Put a dataset on the test data server: serve(name, content) -> its URL as the flows see it."""
+
+    def put(name: str, content: str | bytes) -> str:
+        (DATA / name).write_bytes(content.encode() if isinstance(content, str) else content)
+        (DATA / name).chmod(0o644)
+        return f"{DATA_URL}/{name}"
+
+    return put
+
+
+@pytest.fixture(scope="session")
+def stack():
+    """The test stack, up and deployed; afterwards removed, and the user's stack proven untouched."""
+    if not docker_available():
+        if CI:
+            pytest.fail("CI=true but no Docker engine is reachable: the e2e tests must run")
+        pytest.skip("no Docker engine reachable")
+    user = Stack.user()
+    before = user.snapshot() if user.running() else None
+    if before is None and CI:
+        pytest.fail("CI=true: bring the user's stack up first (make pipeline), so the suite proves it stays untouched")
+    DATA.chmod(0o755)
+    TEST.down()  # what an interrupted session may have left
+    TEST.up()
+    TEST.deploy()
+    yield TEST
+    TEST.down()
+    if before is not None:
+        assert user.snapshot() == before, "the test suite changed the user's stack"

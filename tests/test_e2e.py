@@ -1,19 +1,9 @@
-"""End to end on real Docker, exactly as the README says: stack up, deploy, run the pipeline."""
+"""End to end on real Docker, as the README says: stack up, deploy, run the three-component pipeline."""
 
 import time
 
 import pytest
 from conftest import IRIS_SETOSA
-from e2e import (
-    api,
-    child_of,
-    container_starts,
-    containers_of,
-    has_pandas,
-    read_output,
-    trigger,
-    wait_for,
-)
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 pytestmark = pytest.mark.e2e
@@ -21,74 +11,99 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def pipeline_run(stack):
-    """One pipeline run of the default dataset: (main run, subflow run, start time)."""
+    """One run of the default pipeline on the shipped data: (main run, its output, start time)."""
     started = time.time() - 1
-    main = trigger("main-flow/main")
-    return main, child_of(main.id), started
-
-
-def test_pipeline_run_completes_and_links_the_subflow_as_its_child(pipeline_run):
-    main, child, _ = pipeline_run
+    main = stack.run("main-flow/main")
     assert main.state.is_completed(), main.state
-    assert child.state.is_completed(), child.state
-    with api() as client:
-        assert client.read_deployment(main.deployment_id).name == "main"
-        assert client.read_deployment(child.deployment_id).name == "subflow"
-        # run_deployment links the child through a task run of the parent.
-        assert client.read_task_run(child.parent_task_run_id).flow_run_id == main.id
+    return main, stack.output(main), started
 
 
-def test_each_flow_ran_in_its_own_container_from_its_own_image(pipeline_run):
-    main, child, started = pipeline_run
-    starts = container_starts(started)
-    with api() as client:
-        images = {
-            run.id: client.read_deployment(run.deployment_id).job_variables["image"]
-            for run in (main, child)
-        }
-    assert images[main.id].startswith("localhost:5000/main-flow:")
-    assert images[child.id].startswith("localhost:5000/subflow:")
-    assert starts[str(main.id)]["image"] == images[main.id]
-    assert starts[str(child.id)]["image"] == images[child.id]
-    assert starts[str(main.id)]["id"] != starts[str(child.id)]["id"]
-    # Each image carries only its own dependencies: pandas is the subflow's alone.
-    assert has_pandas(images[child.id]) and not has_pandas(images[main.id])
-    # auto_remove: no flow-run container is left behind.
-    for run in (main, child):
-        wait_for(f"container of run {run.id} to be removed", lambda r=run: not containers_of(r.id))
+def test_steps_run_in_order_each_a_child_of_the_main_run(stack, pipeline_run):
+    main, output, _ = pipeline_run
+    assert output["steps"] == ["validate/validate", "subflow/subflow"]
+    validate, subflow = stack.child(main.id, "validate"), stack.child(main.id, "subflow")
+    assert validate.state.is_completed() and subflow.state.is_completed()
+    assert validate.end_time <= subflow.start_time  # one after the other
+    with stack.api() as client:
+        # run_deployment links each child through a task run of the parent.
+        for child in (validate, subflow):
+            assert client.read_task_run(child.parent_task_run_id).flow_run_id == main.id
+    assert output["results"]["validate/validate"]["flow_run_id"] == str(validate.id)
+    assert output["results"]["subflow/subflow"]["flow_run_id"] == str(subflow.id)
 
 
-def test_subflow_result_reaches_the_main_flow_and_lands_in_the_output(pipeline_run):
-    main, child, _ = pipeline_run
-    output = read_output(str(main.id))
-    assert output["main_flow_run_id"] == str(main.id)
-    assert output["source"] == "data/iris.csv"
-    assert output["rows"] == 150 and output["groups"] == 3
-    assert output["subflow_run_id"] == str(child.id)
-    with api() as client:
-        for run, key in ((main, "main_image"), (child, "subflow_image")):
-            image = client.read_deployment(run.deployment_id).job_variables["image"]
-            assert output[key] == image
-            # Each run is tagged with the image it ran in, visible in the UI and the API.
-            assert f"image:{image}" in client.read_flow_run(run.id).tags
-    assert output["summary"][0] == IRIS_SETOSA
-    assert output["variable"] == f"subflow-output-{child.id}"
-    assert "150 rows from `data/iris.csv` in 3 groups" in output["report"]
+def test_each_flow_ran_in_its_own_container_from_its_own_image(stack, pipeline_run):
+    main, output, started = pipeline_run
+    events = stack.sh(
+        "docker", "events", "--since", f"{started:.0f}", "--until", f"{time.time():.0f}",
+        "--filter", "event=start", "--filter", "label=io.prefect.flow-run-id",
+        "--format", '{{index .Actor.Attributes "io.prefect.flow-run-id"}} {{.Actor.ID}} {{.Actor.Attributes.image}}',
+    ).stdout.split("\n")  # fmt: skip
+    starts = {line.split()[0]: line.split()[1:] for line in events if line}
+    runs = {"main_flow": (main.id, output["main_image"])} | {
+        name.split("/")[0]: (r["flow_run_id"], r["image"]) for name, r in output["results"].items()
+    }
+    for component, (run_id, image) in runs.items():
+        assert image.startswith(f"{stack.registry}/{component}:"), image
+        assert starts[str(run_id)][1] == image
+        # Each run is tagged with the image it ran in, visible in the UI and the API.
+        assert f"image:{image}" in stack.read_run(run_id).tags
+    assert len({container for container, _ in starts.values()}) == len(starts) == 3
+    # Each image carries only its own dependencies: pandas is validate's alone.
+    probe = "import importlib.util as u; print(u.find_spec('pandas') is not None)"
+    has_pandas = {c: stack.sh("docker", "run", "--rm", image, "python", "-c", probe).stdout.strip() for c, (_, image) in runs.items()}
+    assert has_pandas == {"main_flow": "False", "validate": "True", "subflow": "False"}
+    for run_id, _ in runs.values():  # auto_remove: no flow-run container is left behind
+        assert not stack.containers(run_id)
 
 
-def test_variable_and_artifacts_hold_the_output(pipeline_run):
-    main, child, _ = pipeline_run
-    output = read_output(str(main.id))
-    with api() as client:
-        assert client.read_variable_by_name(f"subflow-output-{child.id}").value == output["summary"]
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[main.id, child.id])
-            )
-        )
+def test_data_travels_by_reference_and_lands_in_the_run_directory(stack, pipeline_run):
+    main, output, _ = pipeline_run
+    run_dir = f"{stack.data_url()}/runs/{main.id}"
+    assert output["input"]["uri"] == f"{run_dir}/input.parquet"
+    assert output["input"]["rows"] == 150 and output["input"]["columns"][-1] == "species"
+    validate, subflow = output["results"]["validate/validate"], output["results"]["subflow/subflow"]
+    assert validate["output"] == output["input"]  # validated data passes on unchanged
+    assert subflow["output"]["uri"] == f"{run_dir}/subflow/summary.parquet"
+    assert subflow["output"]["rows"] == 3 and subflow["groups"] == 3 and subflow["rows"] == 150
+    assert subflow["summary"][0] == IRIS_SETOSA
+    assert "150 rows from" in subflow["report"] and "in 3 groups by `species`" in subflow["report"]
+    assert output["output_uri"] == f"{run_dir}/output.json"
+    with stack.api() as client:  # only small references ever went through the API
+        params = client.read_flow_run(subflow["flow_run_id"]).parameters
+    assert params == {"data": output["input"], "out": f"{run_dir}/subflow"}
+
+
+def test_variable_and_artifacts_hold_the_output(stack, pipeline_run):
+    main, output, _ = pipeline_run
+    subflow = output["results"]["subflow/subflow"]
+    with stack.api() as client:
+        variable = client.read_variable_by_name(subflow["variable"]).value
+        runs = [main.id] + [r["flow_run_id"] for r in output["results"].values()]
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=runs)))
+    assert subflow["variable"] == f"subflow-output-{subflow['flow_run_id']}"
+    assert variable == {
+        "output": subflow["output"]["uri"],
+        "rows": 150,
+        "groups": 3,
+        "summary": subflow["summary"],
+        "truncated": False,
+    }
     by_key = {a.key: a for a in artifacts}
-    assert by_key["subflow-report"].flow_run_id == child.id
-    assert by_key["subflow-report"].data == output["report"]
+    assert by_key["subflow-report"].data == subflow["report"]
+    assert by_key["validate-report"].data == output["results"]["validate/validate"]["report"]
     assert by_key["pipeline-output"].flow_run_id == main.id
-    assert f"/output/{main.id}.json" in by_key["pipeline-output"].data
+    assert output["output_uri"] in by_key["pipeline-output"].data
     assert "| setosa" in by_key["pipeline-output"].data
+
+
+def test_a_parallel_group_runs_its_steps_at_once_on_the_same_input(stack):
+    main = stack.run("main-flow/main", steps=[["validate/validate", "subflow/subflow"]])
+    assert main.state.is_completed(), main.state
+    output = stack.output(main)
+    validate, subflow = stack.child(main.id, "validate"), stack.child(main.id, "subflow")
+    # Both were started before either finished: the main flow did not wait for one to start the other.
+    assert validate.created < subflow.end_time and subflow.created < validate.end_time
+    for result in output["results"].values():
+        assert stack.read_run(result["flow_run_id"]).parameters["data"] == output["input"]
+    assert output["results"]["subflow/subflow"]["summary"][0] == IRIS_SETOSA

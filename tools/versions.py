@@ -1,12 +1,12 @@
 """List a component's versions in the registry, or roll its deployment back to one, without a build.
 
-    python versions.py list subflow           # the tags in the registry, newest first; * = deployed
-    python versions.py rollback subflow TAG   # the next run of subflow uses image TAG
+    python tools/versions.py list subflow           # tags in the registry, newest first; * = deployed
+    python tools/versions.py rollback subflow TAG   # the next run of subflow uses image TAG
 
 A component is a deployment name in prefect.yaml. Rollback points the registered deployment at an
-image that is already in the registry (job variable `image`, and the deployment's version); the
-next `prefect deploy --name COMPONENT` deploys the working tree again. Prefect's open-source
-server has no rollback of its own, hence this file.
+image that is already in the registry (its `image` job variable and its version); the next
+`prefect deploy --name COMPONENT` deploys the working tree again. Prefect's open-source server
+has no rollback of its own, hence this file. Run it in the `cli` service (make versions).
 """
 
 import argparse
@@ -20,27 +20,29 @@ import yaml
 from prefect import get_client
 from prefect.client.schemas.actions import DeploymentUpdate
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+from prefect_docker.credentials import DockerRegistryCredentials
 
-REGISTRY_URL = os.environ.get("REGISTRY_URL", "http://127.0.0.1:5000")
+ROOT = Path(__file__).resolve().parent.parent
+REGISTRY_URL = os.environ.get("REGISTRY_URL", "http://registry:5000")  # the registry in the stack
 MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 
 
 def image_name(component: str) -> str:
-    """The image name that prefect.yaml builds for a component, e.g. localhost:5000/subflow."""
-    config = yaml.safe_load((Path(__file__).parent / "prefect.yaml").read_text())
+    """The image that prefect.yaml builds for a deployment, e.g. localhost:5000/subflow."""
+    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     for deployment in config["deployments"]:
         if deployment["name"] == component:
-            for step in deployment["build"]:
-                for name, args in step.items():
-                    if name.endswith("build_docker_image"):
-                        return args["image_name"]
+            step = next(s for s in deployment["build"] if "tools/image_tag.py:image_tag" in s)
+            return f"{os.environ['REGISTRY']}/{step['tools/image_tag.py:image_tag']['directory']}"
     names = [d["name"] for d in config["deployments"]]
     sys.exit(f"error: no component {component!r} in prefect.yaml (components: {names})")
 
 
 def registry_tags(repository: str) -> dict[str, str]:
     """Tag -> creation time of each image of `repository` in the registry."""
-    with httpx.Client(base_url=f"{REGISTRY_URL}/v2/{repository}", timeout=10) as registry:
+    credentials = DockerRegistryCredentials.load("pipeline-registry")
+    auth = (credentials.username, credentials.password.get_secret_value())
+    with httpx.Client(base_url=f"{REGISTRY_URL}/v2/{repository}", auth=auth, timeout=10) as registry:
         response = registry.get("/tags/list")
         if response.status_code == 404:
             return {}
@@ -82,12 +84,8 @@ def rollback(component: str, tag: str) -> None:
     image = f"{name}:{tag}"
     with get_client(sync_client=True) as client:
         deployment = read_deployment(client, component)
-        variables = dict(deployment.job_variables)
-        variables["image"] = image
-        variables["env"] = {**variables.get("env", {}), "COMPONENT_IMAGE": image}
-        client.update_deployment(
-            deployment.id, DeploymentUpdate(job_variables=variables, version=tag)
-        )
+        variables = {**deployment.job_variables, "image": image}
+        client.update_deployment(deployment.id, DeploymentUpdate(job_variables=variables, version=tag))
     print(f"{component}: deployment now runs {image}")
 
 

@@ -1,0 +1,31 @@
+"""Fixtures shared by every test: the components' unit tests and the e2e tests."""
+
+import os
+from pathlib import Path
+
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+# Prefect reads PREFECT_API_URL from .env in the working directory: the user's stack. No test
+# may reach it by accident, so point the default nowhere; tests use a temporary server
+# (`prefect_api`) or a stack of their own (tests/conftest.py, `stack`).
+os.environ["PREFECT_API_URL"] = "http://127.0.0.1:9/api"
+
+ROOT = Path(__file__).resolve().parent
+IRIS = ROOT / "main_flow" / "data" / "iris.csv"
+# Means of the shipped Iris data per species (Fisher, 1936), computed independently of the flows.
+IRIS_SETOSA = {
+    "species": "setosa",
+    "count": 50,
+    "mean_sepal_length": 5.006,
+    "mean_sepal_width": 3.428,
+    "mean_petal_length": 1.462,
+    "mean_petal_width": 0.246,
+}
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A temporary local Prefect server and database for flow-level unit tests."""
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

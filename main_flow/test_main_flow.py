@@ -1,0 +1,264 @@
+"""Unit tests of the main flow's ingest, confinement and store code: real files, a real HTTP
+server on loopback and a real S3 endpoint (moto's server), no Docker."""
+
+import hashlib
+import re
+import http.server
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+from conftest import IRIS
+
+from main_flow import main_flow as component
+
+Settings = component.Settings
+
+
+def ingest(source: str, store: Path, settings: Settings | None = None, **limits) -> component.DataRef:
+    limits = {"max_bytes": 1 << 30, "timeout_s": 60, **limits}
+    uri = f"file://{store}/input.parquet"
+    return component.ingest.fn(source, uri, settings or Settings(source_dir=IRIS.parent), **limits)
+
+
+def empty(store: Path) -> bool:
+    """Nothing half-written: no object, no partial file."""
+    return not store.exists() or not list(store.iterdir())
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "data"
+    directory.mkdir()
+    return directory
+
+
+@pytest.fixture
+def http_server(tmp_path: Path):
+    """A real HTTP server on loopback: files from tmp_path, plus redirects and a slow answer."""
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tmp_path), **kwargs)
+
+        def do_GET(self):
+            if self.path.startswith("/loop"):
+                self.send_response(302)
+                self.send_header("Location", "/loop")
+                self.end_headers()
+            elif self.path == "/to-iris":
+                self.send_response(301)
+                self.send_header("Location", "/iris.csv")
+                self.end_headers()
+            elif self.path == "/slow.csv":
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"a,b\n")
+                for _ in range(50):
+                    self.wfile.write(b"1,2\n" * 1000)
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            else:
+                super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    (tmp_path / "iris.csv").write_bytes(IRIS.read_bytes())
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+LOOPBACK = Settings(source_dir=IRIS.parent, source_allow_hosts=["127.0.0.1"])
+
+
+def test_ingest_converts_the_shipped_iris_data_to_parquet(tmp_path):
+    ref = ingest("iris.csv", tmp_path)
+    stored = tmp_path / "input.parquet"
+    table = pq.read_table(stored)
+    assert ref["rows"] == table.num_rows == 150
+    assert ref["columns"] == table.schema.names == [
+        "sepal_length", "sepal_width", "petal_length", "petal_width", "species"
+    ]  # fmt: skip
+    assert table.column("sepal_length")[0].as_py() == 5.1
+    assert ref["bytes"] == stored.stat().st_size
+    assert ref["sha256"] == hashlib.sha256(stored.read_bytes()).hexdigest()
+    assert [p.name for p in tmp_path.iterdir()] == ["input.parquet"]  # no partial file left
+
+
+def test_ingest_over_http_gives_the_same_data(http_server, tmp_path):
+    ref = ingest(f"{http_server}/to-iris", tmp_path / "a", LOOPBACK)
+    assert ref["sha256"] == ingest("iris.csv", tmp_path / "b")["sha256"]
+
+
+def test_ingest_handles_a_utf8_byte_order_mark(data_dir, tmp_path):
+    (data_dir / "bom.csv").write_bytes(b"\xef\xbb\xbf" + IRIS.read_bytes())
+    ref = ingest("bom.csv", tmp_path, Settings(source_dir=data_dir))
+    assert ref["columns"][0] == "sepal_length" and ref["rows"] == 150
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (b"", "malformed dataset 'x.csv': no header row (the file is empty)"),
+        (b"a,b\n", "empty dataset 'x.csv': a header but no data rows"),
+        (b"a,b\n1,2\n3\n", "a row has a different number of fields than the header"),
+        (b"a,,c\n1,2,3\n", "blank or repeated column names ['a', '', 'c']"),
+        (b"a,a\n1,2\n", "blank or repeated column names ['a', 'a']"),
+        (b"a,b\n" + b"1,2\n" * 500_000 + b"x,2\n", "a column changes type after the first rows (In CSV column #0"),
+    ],
+)
+def test_ingest_rejects_malformed_data_and_leaves_nothing(data_dir, tmp_path, text, message):
+    (data_dir / "x.csv").write_bytes(text)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ingest("x.csv", tmp_path / "store", Settings(source_dir=data_dir))
+    assert empty(tmp_path / "store")
+
+
+def test_max_bytes_stops_a_file_and_a_download(http_server, tmp_path):
+    store = tmp_path / "store"
+    with pytest.raises(ValueError, match=r"source 'iris.csv' is larger than max_bytes=1000"):
+        ingest("iris.csv", store, max_bytes=1000)
+    with pytest.raises(ValueError, match=r"is \d+ bytes, over max_bytes=1000"):  # Content-Length
+        ingest(f"{http_server}/iris.csv", store, LOOPBACK, max_bytes=1000)
+    assert empty(store)
+
+
+def test_a_download_past_its_deadline_fails(http_server, tmp_path):
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="was not read within fetch_timeout_s"):
+        ingest(f"{http_server}/slow.csv", tmp_path / "store", LOOPBACK, timeout_s=1)
+    assert time.monotonic() - started < 4
+    assert empty(tmp_path / "store")
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("/etc/passwd", "is outside the data directory"),
+        ("../main_flow.py", "is outside the data directory"),
+        ("nope.csv", "source file not found: .*nope.csv"),
+    ],
+)
+def test_file_sources_stay_in_the_data_directory(tmp_path, source, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        ingest(source, tmp_path)
+
+
+def test_a_symlink_out_of_the_data_directory_is_refused(data_dir, tmp_path):
+    (data_dir / "escape.csv").symlink_to(IRIS)
+    with pytest.raises(ValueError, match="outside the data directory"):
+        ingest("escape.csv", tmp_path, Settings(source_dir=data_dir))
+
+
+def test_an_allowed_prefix_admits_absolute_paths(tmp_path):
+    settings = Settings(source_dir=tmp_path, source_allow_prefixes=str(IRIS.parent))
+    assert ingest(str(IRIS), tmp_path / "store", settings)["rows"] == 150
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("ftp://example.com/x.csv", "only http and https URLs are allowed"),
+        ("file:///etc/passwd", "only http and https URLs are allowed"),
+        ("http://127.0.0.1:9/x.csv", "non-public address 127.0.0.1; allow it with SOURCE_ALLOW_HOSTS"),
+        ("http://169.254.169.254/latest/meta-data", "non-public address 169.254.169.254"),
+        ("http://10.1.2.3/x.csv", "non-public address 10.1.2.3"),
+        ("http://localhost/x.csv", "non-public address"),
+    ],
+)
+def test_url_sources_must_be_public_http(tmp_path, url, message):
+    with pytest.raises(ValueError, match=message):
+        ingest(url, tmp_path)
+
+
+def test_redirects_are_checked_and_limited(http_server, tmp_path):
+    with pytest.raises(ValueError, match="more than 5 redirects"):
+        ingest(f"{http_server}/loop", tmp_path, LOOPBACK)
+    with pytest.raises(ValueError, match="cannot fetch source .*: HTTP 404"):
+        ingest(f"{http_server}/missing.csv", tmp_path, LOOPBACK)
+
+
+def test_unreachable_sources_are_transient(tmp_path):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    with pytest.raises(component.SourceUnavailable, match=f"cannot fetch source 'http://127.0.0.1:{port}/x.csv'"):
+        ingest(f"http://127.0.0.1:{port}/x.csv", tmp_path, LOOPBACK)
+
+
+def test_steps_are_checked_before_anything_runs():
+    assert component.step_groups(["a/a", ["b/b", "c/c"]]) == [["a/a"], ["b/b", "c/c"]]
+    with pytest.raises(ValueError, match=r"each step once.*repeated: \['a/a'\]"):
+        component.step_groups(["a/a", ["b/b", "a/a"]])
+    with pytest.raises(ValueError, match="no empty groups"):
+        component.step_groups([[]])
+
+
+def test_verify_names_a_missing_or_corrupt_object(tmp_path):
+    ref = ingest("iris.csv", tmp_path)
+    component.verify(ref)
+    stored = tmp_path / "input.parquet"
+    stored.write_bytes(stored.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ValueError, match="stored object corrupt: .*input.parquet does not match its sha256"):
+        component.verify(ref)
+    stored.unlink()
+    with pytest.raises(FileNotFoundError, match="stored object missing: .*input.parquet"):
+        component.verify(ref)
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """moto's standalone S3 server in a subprocess: the real protocol, on loopback."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    fs = s3fs.S3FileSystem(key="test", secret="test", client_kwargs={"endpoint_url": url})
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            fs.mkdir("pipeline")
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    yield url
+    server.terminate()
+
+
+@pytest.fixture
+def s3_env(s3_endpoint, monkeypatch):
+    for name, value in {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}.items():
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    return s3fs.S3FileSystem()
+
+
+def test_ingest_into_s3_matches_the_file_store(s3_env, tmp_path):
+    uri = "s3://pipeline/runs/unit/input.parquet"
+    ref = component.ingest.fn("iris.csv", uri, Settings(), max_bytes=1 << 30, timeout_s=60)
+    assert ref["sha256"] == ingest("iris.csv", tmp_path)["sha256"]
+    component.verify(ref)
+    assert s3_env.ls("pipeline/runs/unit") == ["pipeline/runs/unit/input.parquet"]
+
+
+def test_a_failed_upload_leaves_no_object(s3_env, data_dir):
+    (data_dir / "ragged.csv").write_bytes(b"a,b\n" + b"1,2\n" * 300_000 + b"3\n")
+    uri = "s3://pipeline/runs/failed/input.parquet"
+    with pytest.raises(ValueError, match="different number of fields"):
+        component.ingest.fn("ragged.csv", uri, Settings(source_dir=data_dir), max_bytes=1 << 30, timeout_s=60)
+    assert not s3_env.exists(uri)

@@ -1,0 +1,265 @@
+"""The one harness of the e2e tests and the benchmark: a stack of their own, its API, and waiting.
+
+A `Stack` is a compose project with its own name, ports, network, volumes, secrets and registry,
+so tests and benchmarks run beside the user's stack (project `modular-pipeline`, ports from
+.env) and never stop, change or delete it.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import s3fs
+from dotenv import dotenv_values
+from prefect.client.orchestration import SyncPrefectClient
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+from prefect.client.schemas.objects import FlowRun
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS: dict[str, str] = {k: v or "" for k, v in dotenv_values(ROOT / ".env").items()}
+PREFECT = str(Path(sys.executable).with_name("prefect"))  # the host CLI of this environment
+CI = os.environ.get("CI") == "true"
+TEST_OVERLAY = ROOT / "tests" / "compose.yml"  # the S3 endpoint and the test data server
+# Test credentials of the moto endpoint; a real store takes its keys from the environment.
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 60, every: float = 0.5) -> Any:
+    """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+def docker_available() -> bool:
+    return bool(shutil.which("docker")) and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+
+
+@dataclass
+class Stack:
+    """A compose project of its own: the one setting `project`, and the ports it publishes."""
+
+    project: str
+    prefect_port: int
+    registry_port: int
+    s3_port: int | None = None  # with tests/compose.yml: an S3 endpoint and a test data server
+    overrides: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def user(cls) -> "Stack":
+        """The user's own stack, as `make pipeline` runs it: only ever read, never changed."""
+        return cls("modular-pipeline", int(SETTINGS["PREFECT_PORT"]), int(SETTINGS["REGISTRY_PORT"]))
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.prefect_port}/api"
+
+    @property
+    def registry(self) -> str:
+        return f"localhost:{self.registry_port}"
+
+    @property
+    def s3_url(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    def secret(self, name: str) -> str:
+        return (ROOT / ".secrets" / self.project / name).read_text().strip()
+
+    def env(self) -> dict[str, str]:
+        """The environment of compose and the host CLI for this stack."""
+        env = {**os.environ, **SETTINGS}
+        env.update(
+            COMPOSE_PROJECT_NAME=self.project,
+            PREFECT_PORT=str(self.prefect_port),
+            REGISTRY_PORT=str(self.registry_port),
+            PREFECT_API_URL=self.api_url,
+            REGISTRY=self.registry,
+        )
+        if self.s3_port:
+            env["S3_PORT"] = str(self.s3_port)
+        if (ROOT / ".secrets" / self.project / "api-auth-string").is_file():
+            env["PREFECT_API_AUTH_STRING"] = self.secret("api-auth-string")
+        return {**env, **self.overrides}
+
+    def sh(self, *args: str, timeout: float = 900, check: bool = True, cwd: Path = ROOT, **env: str):
+        """Run a command in this stack's environment; show its output if it fails."""
+        proc = subprocess.run(
+            args, cwd=cwd, env={**self.env(), **env}, capture_output=True, text=True, timeout=timeout
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+            )
+        return proc
+
+    def compose(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
+        files = ["-f", "docker-compose.yml"] + (["-f", str(TEST_OVERLAY)] if self.s3_port else [])
+        return self.sh("docker", "compose", *files, *args, **kwargs)
+
+    def up(self) -> None:
+        self.compose("up", "-d", "--build", "--wait", timeout=1800)
+        if self.s3_port:
+            self.s3().mkdirs("pipeline", exist_ok=True)
+
+    def down(self) -> None:
+        """Remove this stack and its volumes: only ever called on a stack of our own."""
+        assert self.project != Stack.user().project, "never remove the user's stack"
+        self.compose("down", "-v", "--remove-orphans", timeout=600)
+
+    def deploy(self, *names: str, cwd: Path = ROOT) -> tuple[float, str]:
+        """`prefect deploy --name NAME ...` (or `--all`) with the host CLI: seconds and output."""
+        args = [a for n in names for a in ("--name", n)] or ["--all"]
+        started = time.monotonic()
+        proc = self.sh(PREFECT, "--no-prompt", "deploy", *args, cwd=cwd, timeout=1800)
+        return time.monotonic() - started, proc.stdout
+
+    def use_store(self, url: str, **env: str) -> None:
+        """Point the flows at another data store: the setup service reapplies the pool template."""
+        self.overrides.update(PIPELINE_DATA_URL=url, **env)
+        self.compose("up", "-d", "--wait", "setup")
+
+    # --- the API ------------------------------------------------------------------------------
+
+    def api(self) -> SyncPrefectClient:
+        return SyncPrefectClient(self.api_url, auth_string=self.secret("api-auth-string"))
+
+    def deployment(self, name: str) -> Any:
+        with self.api() as client:
+            return client.read_deployment_by_name(name)
+
+    def start(self, deployment: str, job_variables: dict[str, Any] | None = None, **parameters: Any) -> FlowRun:
+        """Create a run of a deployment, as a scheduler, the UI or the CLI would."""
+        with self.api() as client:
+            found = client.read_deployment_by_name(deployment)
+            return client.create_flow_run_from_deployment(
+                found.id, parameters=parameters, job_variables=job_variables
+            )
+
+    def run(self, deployment: str, timeout: float = 600, **parameters: Any) -> FlowRun:
+        """Run a deployment and wait until the run is final."""
+        return self.wait_final(self.start(deployment, **parameters).id, timeout)
+
+    def read_run(self, run_id: Any) -> FlowRun:
+        with self.api() as client:
+            return client.read_flow_run(run_id)
+
+    def wait_final(self, run_id: Any, timeout: float = 600) -> FlowRun:
+        return wait_for(
+            f"run {run_id} to finish",
+            lambda: (run := self.read_run(run_id)).state and run.state.is_final() and run,
+            timeout=timeout,
+        )
+
+    def children(self, run_id: Any) -> list[FlowRun]:
+        """The step runs that a main run started."""
+        parent = FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id]))
+        with self.api() as client:
+            return client.read_flow_runs(flow_run_filter=parent)
+
+    def child(self, run_id: Any, flow: str, timeout: float = 120) -> FlowRun:
+        """The one step run of `flow` (e.g. "subflow") that a main run started, once it exists."""
+        found = wait_for(
+            f"a {flow} run of {run_id}",
+            lambda: [c for c in self.children(run_id) if c.name and self.flow_name(c) == flow],
+            timeout=timeout,
+        )
+        assert len(found) == 1, found
+        return found[0]
+
+    def flow_name(self, run: FlowRun) -> str:
+        with self.api() as client:
+            return client.read_flow(run.flow_id).name
+
+    # --- the data store and the engine ----------------------------------------------------------
+
+    def s3(self) -> s3fs.S3FileSystem:
+        """The S3 test endpoint, from the host."""
+        return s3fs.S3FileSystem(
+            key=S3_KEYS["AWS_ACCESS_KEY_ID"], secret=S3_KEYS["AWS_SECRET_ACCESS_KEY"],
+            client_kwargs={"endpoint_url": self.s3_url},
+        )  # fmt: skip
+
+    def read_object(self, uri: str) -> bytes:
+        """An object of the data store: the stack's data volume, or the S3 test endpoint."""
+        if uri.startswith("s3://"):
+            return self.s3().cat_file(uri)
+        path = uri.removeprefix("file://")
+        image = f"{self.project}/worker:{SETTINGS['PREFECT_VERSION']}"
+        volume = f"{self.project}_data:/data:ro"
+        return self.sh("docker", "run", "--rm", "-v", volume, "--entrypoint", "cat", image, path).stdout.encode()
+
+    def exists(self, uri: str) -> bool:
+        if uri.startswith("s3://"):
+            return self.s3().exists(uri)
+        image = f"{self.project}/worker:{SETTINGS['PREFECT_VERSION']}"
+        args = ("docker", "run", "--rm", "-v", f"{self.project}_data:/data:ro", "--entrypoint", "test")
+        return self.sh(*args, image, "-e", uri.removeprefix("file://"), check=False).returncode == 0
+
+    def output(self, run: FlowRun) -> dict[str, Any]:
+        """The pipeline output that a main run stored next to its data."""
+        return json.loads(self.read_object(f"{self.data_url()}/runs/{run.id}/output.json"))
+
+    def data_url(self) -> str:
+        return self.overrides.get("PIPELINE_DATA_URL", SETTINGS["PIPELINE_DATA_URL"]).rstrip("/")
+
+    def containers(self, run_id: Any, running: bool = False) -> list[str]:
+        """Ids of the containers of a flow run: all of them, or only the running ones."""
+        flags = "-q" if running else "-aq"
+        label = f"label=io.prefect.flow-run-id={run_id}"
+        return self.sh("docker", "ps", flags, "--filter", label).stdout.split()
+
+    def registry_tags(self, repository: str) -> list[str]:
+        """Tags of a repository in this stack's registry, with its credentials."""
+        password = self.secret("registry-password")
+        user = self.secret("registry-htpasswd").split(":", 1)[0]
+        url = f"http://127.0.0.1:{self.registry_port}/v2/{repository}/tags/list"
+        response = httpx.get(url, auth=(user, password), timeout=10)
+        return [] if response.status_code == 404 else sorted(response.raise_for_status().json()["tags"] or [])
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the user would miss if a test touched it: deployments, runs, volumes, images, data."""
+        with self.api() as client:
+            deployments = {d.name: (str(d.id), str(d.updated), d.job_variables) for d in client.read_deployments()}
+            runs = {str(r.id): r.state_type.value for r in client.read_flow_runs() if not r.auto_scheduled}
+        volumes = self.sh("docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={self.project}")
+        images = {d: self.registry_tags(d) for d in ("main_flow", "validate", "subflow")}
+        image = f"{self.project}/worker:{SETTINGS['PREFECT_VERSION']}"
+        args = ("docker", "run", "--rm", "-v", f"{self.project}_data:/data:ro", "--entrypoint", "find")
+        data = self.sh(*args, image, "/data", "-type", "f").stdout
+        return {
+            "deployments": deployments,
+            "runs": runs,
+            "volumes": sorted(volumes.stdout.split()),
+            "images": images,
+            "data": sorted(data.split()),
+        }
+
+    def running(self) -> bool:
+        try:
+            return httpx.get(f"{self.api_url}/health", timeout=3).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+
+def project_copy(directory: Path) -> Path:
+    """A copy of the project's deployable part, to change a component without touching the repo."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+    for name in (".env", "prefect.yaml", "component.Dockerfile"):
+        shutil.copy(ROOT / name, directory / name)
+    for component in [p.parent.name for p in ROOT.glob("*/requirements.lock")] + ["tools"]:
+        shutil.copytree(ROOT / component, directory / component, ignore=ignore)
+    return directory

@@ -1,0 +1,60 @@
+"""A `prefect deploy` build step: the image name and content tag of one component.
+
+    build:
+      - tools/image_tag.py:image_tag: {id: component, directory: subflow}
+
+The tag is a hash of what the image is made of: the files the component's build context really
+holds (docker-py's own reading of its .dockerignore), the shared recipe and the base-image pin.
+Same content, same tag, nothing to rebuild; any change, a new tag, so no worker ever runs a stale
+image. Pure Python, so it gives the same tag on Linux, macOS and Windows.
+"""
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+from typing import TypedDict
+
+from docker.utils.build import exclude_paths
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "component.Dockerfile"
+REQUIRED = ("PREFECT_IMAGE", "REGISTRY")
+
+
+class ImageTag(TypedDict):
+    directory: str
+    image_name: str
+    tag: str
+
+
+def image_tag(directory: str) -> ImageTag:
+    """The image name and content tag of the component in `directory` (of the project)."""
+    missing = [name for name in REQUIRED if not os.environ.get(name)]
+    if missing:
+        raise RuntimeError(f"{', '.join(missing)} not set: load .env first (see README, host CLI)")
+    return ImageTag(
+        directory=directory,
+        image_name=f"{os.environ['REGISTRY']}/{directory}",
+        tag=content_hash(ROOT / directory, os.environ["PREFECT_IMAGE"]),
+    )
+
+
+def content_hash(directory: Path, base_image: str) -> str:
+    """12 hex digits of sha256 over the build context's files, the recipe and the base image."""
+    if not (directory / "requirements.lock").is_file():
+        raise FileNotFoundError(f"{directory} is not a component: it has no requirements.lock")
+    ignore = directory / ".dockerignore"
+    patterns = ignore.read_text().splitlines() if ignore.is_file() else []
+    files = sorted(exclude_paths(str(directory), patterns))
+    digest = hashlib.sha256(base_image.encode() + b"\0" + RECIPE.read_bytes())
+    for name in files:
+        path = directory / name
+        if path.is_file():
+            # Names with forward slashes and file bytes as they are: the same on every OS.
+            digest.update(b"\0" + Path(name).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+if __name__ == "__main__":
+    print(image_tag(sys.argv[1])["tag"])
