@@ -1,13 +1,14 @@
-# The one image recipe of every component. prefect.yaml's build step passes the component's
-# directory as the build context and its name as COMPONENT; PREFECT_IMAGE comes from .env.
+# The one image recipe of every component. prefect.yaml's build step builds it with the
+# repository as the context (.dockerignore keeps the rest out) and the component's directory as
+# COMPONENT; PREFECT_IMAGE comes from .env.
 ARG PREFECT_IMAGE
 FROM ${PREFECT_IMAGE}
 ARG COMPONENT
 WORKDIR /opt/prefect/pipeline
 # Locked dependencies first, in their own layer: a code-only change rebuilds just the layers below.
-COPY requirements.lock ${COMPONENT}/requirements.lock
+COPY ${COMPONENT}/requirements.lock ${COMPONENT}/requirements.lock
 RUN pip install --no-cache-dir --require-hashes -r ${COMPONENT}/requirements.lock
-COPY . ${COMPONENT}/
+COPY ${COMPONENT}/ ${COMPONENT}/
 # Bytecode at build time: each flow-run container skips compiling on start, and needs no
 # writable filesystem for it (the pools run containers with a read-only root).
 RUN python -m compileall -q ${COMPONENT}

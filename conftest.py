@@ -1,5 +1,7 @@
 """Fixtures shared by every test: the components' unit tests and the e2e tests."""
 
+import csv
+import io
 import os
 from pathlib import Path
 
@@ -22,6 +24,19 @@ IRIS_SETOSA = {
     "mean_petal_length": 1.462,
     "mean_petal_width": 0.246,
 }
+
+
+def iris_rows() -> list[dict[str, str]]:
+    with IRIS.open() as file:
+        return list(csv.DictReader(file))
+
+
+def to_csv(rows: list[dict[str, str]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
 
 
 @pytest.fixture(scope="session")

@@ -128,9 +128,8 @@ def render_report(summary: list[dict[str, Any]], groups: int, data: DataRef, gro
     """A short markdown report: the first groups, and how many more the output holds."""
     table = tabulate(summary, headers="keys", tablefmt="github")
     more = f"\n\n... and {groups - len(summary)} more groups in the output" if groups > len(summary) else ""
-    return (
-        f"### {data['rows']} rows from `{data['uri']}` in {groups} groups by `{group_by}`\n\n{table}{more}\n"
-    )
+    heading = f"### {data['rows']} rows from `{data['uri']}` in {groups} groups by `{group_by}`"
+    return f"{heading}\n\n{table}{more}\n"
 
 
 def publish(output: DataRef, rows: int, summary: list[dict[str, Any]]) -> str:

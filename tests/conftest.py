@@ -1,12 +1,9 @@
 """The e2e tests' stack: a compose project of their own, beside (never instead of) the user's."""
 
-import csv
-import io
 import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import IRIS
 from harness import CI, Stack, docker_available
 
 DATA = Path(tempfile.mkdtemp(prefix="pipeline-testdata-"))  # served by tests/compose.yml `testdata`
@@ -18,19 +15,6 @@ TEST = Stack(
     s3_port=19000,
     overrides={"SOURCE_ALLOW_HOSTS": "testdata", "TEST_DATA": str(DATA)},
 )
-
-
-def iris_rows() -> list[dict[str, str]]:
-    with IRIS.open() as file:
-        return list(csv.DictReader(file))
-
-
-def to_csv(rows: list[dict[str, str]]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
 
 
 @pytest.fixture(scope="session")

@@ -258,7 +258,7 @@ def project_copy(directory: Path) -> Path:
     """A copy of the project's deployable part, to change a component without touching the repo."""
     directory.mkdir(parents=True, exist_ok=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
-    for name in (".env", "prefect.yaml", "component.Dockerfile"):
+    for name in (".env", ".dockerignore", "prefect.yaml", "component.Dockerfile"):
         shutil.copy(ROOT / name, directory / name)
     for component in [p.parent.name for p in ROOT.glob("*/requirements.lock")] + ["tools"]:
         shutil.copytree(ROOT / component, directory / component, ignore=ignore)

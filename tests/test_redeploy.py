@@ -1,31 +1,20 @@
-"""Independent components on real Docker: redeploy one, in flight, roll back, add a component.
+"""Independent components on real Docker: redeploy one, in flight, roll back, replay, scaffold one.
 
 Changed components are deployed from a copy of the project, so the repository stays untouched;
-`restore` redeploys the repository's own version afterwards.
+`restore` redeploys the repository's own subflow afterwards.
 """
 
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from e2e import (
-    child_of,
-    compose,
-    container_starts,
-    containers_of,
-    deploy,
-    deployment,
-    project_copy,
-    read_output,
-    sh,
-    trigger,
-    wait_final,
-    wait_for,
-)
+import yaml
+from harness import project_copy, wait_for
 
 pytestmark = pytest.mark.e2e
 
-HEADING = '    return f"### {rows} rows'
+HEADING = '    heading = f"### {data'
 
 
 def changed_subflow(directory: Path, marker: str) -> Path:
@@ -34,182 +23,164 @@ def changed_subflow(directory: Path, marker: str) -> Path:
     code = project / "subflow" / "subflow.py"
     text = code.read_text()
     assert HEADING in text
-    code.write_text(text.replace(HEADING, f'    return f"### {marker} {{rows}} rows'))
+    code.write_text(text.replace(HEADING, f'    heading = f"### {marker} {{data'))
     return project
 
 
-def image_id(image: str) -> str:
-    return sh("docker", "image", "inspect", "--format", "{{.Id}}", image).stdout.strip()
+def image_id(stack, image: str) -> str:
+    return stack.sh("docker", "image", "inspect", "--format", "{{.Id}}", image).stdout.strip()
 
 
-def local_images() -> set[str]:
-    """Every image tag in this engine, with its id."""
-    listing = sh("docker", "images", "--no-trunc", "--format", "{{.Repository}}:{{.Tag}} {{.ID}}")
-    return set(listing.stdout.splitlines())
+def cli(stack, *args: str, check: bool = True):
+    return stack.compose("run", "--rm", "-T", "cli", *args, check=check)
 
 
 @pytest.fixture
 def restore(stack):
     """Redeploy the repository's subflow after a test that deployed another version."""
     yield
-    deploy("subflow")
+    stack.deploy("subflow")
 
 
 def test_redeploy_one_component_leaves_the_others_alone(stack, restore, tmp_path, capsys):
-    main_before = deployment("main-flow/main")
-    main_image_id = image_id(main_before.job_variables["image"])
-    sub_before = deployment("subflow/subflow")
-
-    seconds = deploy("subflow", cwd=changed_subflow(tmp_path, "v2"))
+    before = {name: stack.deployment(name) for name in ("main-flow/main", "validate/validate", "subflow/subflow")}
+    seconds, _ = stack.deploy("subflow", cwd=changed_subflow(tmp_path, "v2"))
     with capsys.disabled():
         print(f"\n[measure] prefect deploy --name subflow after a one-line change: {seconds:.1f}s")
+    for name in ("main-flow/main", "validate/validate"):
+        after = stack.deployment(name)
+        assert (after.updated, after.job_variables, after.version) == (
+            before[name].updated, before[name].job_variables, before[name].version,
+        )  # fmt: skip
+    sub = stack.deployment("subflow/subflow")
+    assert sub.job_variables["image"] != before["subflow/subflow"].job_variables["image"]
+    assert sub.version != before["subflow/subflow"].version
 
-    main_after = deployment("main-flow/main")
-    assert main_after.updated == main_before.updated
-    assert main_after.job_variables == main_before.job_variables
-    assert main_after.version == main_before.version
-    assert image_id(main_after.job_variables["image"]) == main_image_id
-    sub_after = deployment("subflow/subflow")
-    assert sub_after.job_variables["image"] != sub_before.job_variables["image"]
-    assert sub_after.version != sub_before.version
-
-    run = trigger("main-flow/main")
+    run = stack.run("main-flow/main")
     assert run.state.is_completed(), run.state
-    output = read_output(str(run.id))
-    assert output["report"].startswith("### v2 150 rows")
-    assert output["subflow_image"] == sub_after.job_variables["image"]
-    assert output["main_image"] == main_before.job_variables["image"]
+    output = stack.output(run)
+    assert output["results"]["subflow/subflow"]["report"].startswith("### v2 150 rows")
+    assert output["results"]["subflow/subflow"]["image"] == sub.job_variables["image"]
+    assert output["main_image"] == before["main-flow/main"].job_variables["image"]
 
 
-def test_unchanged_deploy_all_rebuilds_nothing(stack, capsys):
-    names = ("main-flow/main", "subflow/subflow")
-    images = {name: deployment(name).job_variables["image"] for name in names}
-    ids = {d: image_id(image) for d, image in images.items()}
-    seconds = deploy()
+def test_an_unchanged_deploy_builds_and_pushes_nothing(stack, capsys):
+    names = ("main-flow/main", "validate/validate", "subflow/subflow")
+    images = {name: stack.deployment(name).job_variables["image"] for name in names}
+    ids = {name: image_id(stack, image) for name, image in images.items()}
+    seconds, output = stack.deploy()
     with capsys.disabled():
         print(f"\n[measure] prefect deploy --all with no change: {seconds:.1f}s")
     for name, image in images.items():
-        assert deployment(name).job_variables["image"] == image
-        assert image_id(image) == ids[name]
+        assert stack.deployment(name).job_variables["image"] == image
+        assert image_id(stack, image) == ids[name]
+    # Every build step came from Docker's cache (a step that ran says "Running in <container>"),
+    # and every layer was already in the registry.
+    assert output.count("Using cache") >= 3 * len(names) and "Running in " not in output
+    assert "Layer already exists" in output and "Pushed\n" not in output
 
 
 def test_redeploy_while_a_run_is_in_flight(stack, restore, tmp_path):
-    """The subflow version is fixed when worker-subflow starts the child's container."""
-    v1 = deployment("subflow/subflow").job_variables["image"]
+    """The subflow version is fixed when its worker starts the step's container."""
+    v1 = stack.deployment("subflow/subflow").job_variables["image"]
 
-    # 1. The child run exists but has not started: it runs the version deployed by then.
-    compose("stop", "worker-subflow")
+    # 1. The step run exists but has not started: it runs the version deployed by then.
+    stack.compose("stop", "worker-subflow")
     try:
-        waiting = trigger("main-flow/main", watch=False)
-        child = child_of(waiting.id)
+        waiting = stack.start("main-flow/main", steps=["subflow/subflow"])
+        child = stack.child(waiting.id, "subflow")
         assert child.state.is_scheduled() or child.state.is_pending(), child.state
-        deploy("subflow", cwd=changed_subflow(tmp_path / "a", "v2"))
+        stack.deploy("subflow", cwd=changed_subflow(tmp_path / "a", "v2"))
     finally:
-        compose("start", "worker-subflow")
-    v2 = deployment("subflow/subflow").job_variables["image"]
-    assert wait_final(waiting.id).state.is_completed()
-    assert read_output(str(waiting.id))["subflow_image"] == v2
+        stack.compose("up", "-d", "--wait", "worker-subflow")
+    v2 = stack.deployment("subflow/subflow").job_variables["image"]
+    assert stack.wait_final(waiting.id).state.is_completed()
+    assert stack.output(waiting)["results"]["subflow/subflow"]["image"] == v2 != v1
 
-    # 2. The child's container is already running: it finishes on its own image.
-    running = trigger("main-flow/main", watch=False)
-    child = child_of(running.id)
-    container = wait_for(
-        "the child's container", lambda: containers_of(child.id, running=True).strip(), 120
-    )
-    sh("docker", "pause", container)
+    # 2. The step's container is already running: it finishes on its own image.
+    running = stack.start("main-flow/main", steps=["subflow/subflow"])
+    child = stack.child(running.id, "subflow")
+    container = wait_for("the step's container", lambda: stack.containers(child.id, running=True), 120)
+    stack.sh("docker", "pause", *container)
     try:
-        deploy("subflow", cwd=changed_subflow(tmp_path / "b", "v3"))
+        stack.deploy("subflow", cwd=changed_subflow(tmp_path / "b", "v3"))
     finally:
-        sh("docker", "unpause", container)
-    assert deployment("subflow/subflow").job_variables["image"] not in (v1, v2)
-    assert wait_final(running.id).state.is_completed()
-    output = read_output(str(running.id))
-    assert output["subflow_image"] == v2 and output["report"].startswith("### v2 ")
+        stack.sh("docker", "unpause", *container)
+    assert stack.deployment("subflow/subflow").job_variables["image"] not in (v1, v2)
+    assert stack.wait_final(running.id).state.is_completed()
+    result = stack.output(running)["results"]["subflow/subflow"]
+    assert result["image"] == v2 and result["report"].startswith("### v2 ")
 
 
 def test_rollback_to_an_earlier_version_without_a_build(stack, restore, tmp_path):
-    v1 = deployment("subflow/subflow").job_variables["image"]
-    deploy("subflow", cwd=changed_subflow(tmp_path, "v2"))
-    v2 = deployment("subflow/subflow").job_variables["image"]
+    v1 = stack.deployment("subflow/subflow").job_variables["image"]
+    stack.deploy("subflow", cwd=changed_subflow(tmp_path, "v2"))
+    v2 = stack.deployment("subflow/subflow").job_variables["image"]
     tag1, tag2 = v1.rsplit(":", 1)[1], v2.rsplit(":", 1)[1]
 
-    listing = compose("run", "--rm", "-T", "cli", "python", "versions.py", "list", "subflow")
-    marks = {line.split()[-2]: line.startswith("*") for line in listing.stdout.splitlines()}
-    assert marks[tag2] and not marks[tag1], listing.stdout
+    listing = cli(stack, "python", "tools/versions.py", "list", "subflow").stdout
+    marks = {line.split()[-2]: line.startswith("*") for line in listing.splitlines()}
+    assert marks[tag2] and not marks[tag1], listing
 
     # Remove v1 from this engine: the run below must pull it from the registry, not rebuild.
-    sh("docker", "image", "rm", v1)
-    images_before = local_images()
-    rollback = ("run", "--rm", "-T", "cli", "python", "versions.py", "rollback", "subflow", tag1)
-    assert f"now runs {v1}" in compose(*rollback).stdout
-    assert local_images() == images_before
-    assert deployment("subflow/subflow").job_variables["image"] == v1
-    assert deployment("subflow/subflow").version == tag1
+    stack.sh("docker", "image", "rm", v1)
+    assert f"now runs {v1}" in cli(stack, "python", "tools/versions.py", "rollback", "subflow", tag1).stdout
+    assert stack.deployment("subflow/subflow").job_variables["image"] == v1
+    assert stack.deployment("subflow/subflow").version == tag1
 
-    run = trigger("main-flow/main")
+    run = stack.run("main-flow/main")
     assert run.state.is_completed(), run.state
-    output = read_output(str(run.id))
-    assert output["subflow_image"] == v1
-    assert output["report"].startswith("### 150 rows")
+    result = stack.output(run)["results"]["subflow/subflow"]
+    assert result["image"] == v1 and result["report"].startswith("### 150 rows")
+    image_id(stack, v1)  # pulled back by the worker
 
-    missing = compose(*rollback[:-1], "0000deadbeef", check=False)
+    missing = cli(stack, "python", "tools/versions.py", "rollback", "subflow", "0000deadbeef", check=False)
     assert missing.returncode != 0
-    assert "localhost:5000/subflow:0000deadbeef is not in the registry" in missing.stderr
+    assert f"{stack.registry}/subflow:0000deadbeef is not in the registry" in missing.stderr
 
 
-COMPONENT = '''"""A generated component: greets, and says which image it ran in."""
+def test_replay_runs_the_old_images_on_the_old_input(stack, restore, tmp_path):
+    old = stack.run("main-flow/main")
+    old_output = stack.output(old)
+    stack.deploy("subflow", cwd=changed_subflow(tmp_path, "v2"))  # a new subflow since then
 
-import os
-
-from prefect import flow
-
-
-@flow(name="hello", persist_result=True, result_serializer="json")
-def hello(name: str = "world") -> dict[str, str]:
-    """Greet `name`."""
-    return {"greeting": f"hello {name}", "image": os.environ["COMPONENT_IMAGE"]}
-'''
-
-YAML_BLOCK = """
-  - name: hello
-    entrypoint: hello/hello.py:hello
-    version: "{{ content-hash.stdout }}"
-    build:
-      - prefect.deployments.steps.run_shell_script:
-          <<: *content_hash
-          directory: hello
-      - prefect_docker.deployments.steps.build_docker_image:
-          <<: *build_image
-          image_name: localhost:5000/hello
-          path: hello
-    work_pool:
-      name: subflow-pool
-      job_variables: *job_variables
-"""
+    replayed = cli(stack, "python", "tools/replay.py", str(old.id), "--watch").stdout
+    new_id = replayed.split(" as ", 1)[1].split()[0]
+    new = stack.read_run(new_id)
+    assert new.state.is_completed() and f"replay-of:{old.id}" in new.tags
+    output = stack.output(new)
+    assert output["input"] == old_output["input"]  # the same stored input, not fetched again
+    assert output["main_image"] == old_output["main_image"]
+    assert f"image:{old_output['main_image']}" in new.tags
+    for name, result in output["results"].items():
+        assert result["image"] == old_output["results"][name]["image"]
+        assert result["summary"] == old_output["results"][name]["summary"]
+    assert output["results"]["subflow/subflow"]["report"] == old_output["results"]["subflow/subflow"]["report"]
+    assert not stack.exists(f"{stack.data_url()}/runs/{new_id}/input.parquet")
+    latest = stack.run("main-flow/main")  # while a new run gets the new subflow
+    assert stack.output(latest)["results"]["subflow/subflow"]["report"].startswith("### v2 ")
 
 
-def test_add_a_component_by_editing_the_yaml(stack, tmp_path):
-    """The README's walk-through: a directory, a Dockerfile, a yaml block, deploy, run."""
+def test_scaffold_a_component_deploy_it_and_the_pipeline_runs_it(stack, tmp_path):
+    """The README's "Add a component": make component NAME=x, deploy, the next run includes it."""
     project = project_copy(tmp_path)
-    component = project / "hello"
-    component.mkdir()
-    (component / "hello.py").write_text(COMPONENT)
-    (component / "requirements.txt").write_text("")
-    dockerfile = (project / "subflow" / "Dockerfile").read_text()
-    (component / "Dockerfile").write_text(dockerfile.replace("subflow", "hello"))
-    with (project / "prefect.yaml").open("a") as file:
-        file.write(YAML_BLOCK)
+    scaffold = stack.sh(sys.executable, "tools/component.py", "enrich", cwd=project)
+    assert "the pipeline's steps end with enrich/enrich" in scaffold.stdout
+    again = stack.sh(sys.executable, "tools/component.py", "enrich", cwd=project, check=False)
+    assert again.returncode != 0 and "'enrich' is taken" in again.stderr
+    steps = next(d for d in yaml.safe_load((project / "prefect.yaml").read_text())["deployments"] if d["name"] == "main")
+    assert steps["parameters"]["steps"][-1] == "enrich/enrich"
 
     started = time.time() - 1
-    deploy("hello", cwd=project)
-    image = deployment("hello/hello").job_variables["image"]
-    assert image.startswith("localhost:5000/hello:")
-    run = trigger("hello/hello", "name=platform")
+    stack.deploy("enrich", "main", cwd=project)
+    run = stack.run("main-flow/main")
     assert run.state.is_completed(), run.state
-    assert container_starts(started)[str(run.id)]["image"] == image
-    # Its persisted result, read from the shared results volume.
-    stored = compose(
-        "run", "--rm", "-T", "-v", "modular-pipeline-results:/results:ro", "cli",
-        "cat", run.state.data.storage_key,
-    ).stdout  # fmt: skip
-    assert "hello platform" in stored and image in stored
+    output = stack.output(run)
+    assert list(output["results"]) == ["validate/validate", "subflow/subflow", "enrich/enrich"]
+    enrich = output["results"]["enrich/enrich"]
+    assert enrich["image"].startswith(f"{stack.registry}/enrich:")
+    # Each step gets the previous step's output: here the subflow's summary, 3 groups x 6 columns.
+    assert enrich["output"] == output["results"]["subflow/subflow"]["output"]
+    assert enrich["summary"] == [{"rows": 3, "columns": 6}]
+    assert stack.read_run(enrich["flow_run_id"]).start_time.timestamp() > started
+    stack.deploy("main")  # the repository's pipeline again

@@ -2,8 +2,8 @@
 
     python tools/component.py enrich      # make component NAME=enrich
 
-Creates enrich/ (a flow stub that keeps the step contract, requirements.txt and its lock, a
-.dockerignore and a unit test), appends enrich's deployment to prefect.yaml and adds
+Creates enrich/ (a flow stub that keeps the step contract, requirements.txt and its lock, and
+a unit test), appends enrich's deployment to prefect.yaml and adds
 enrich/enrich to the end of the pipeline's steps. Refuses a name that is taken. Then edit the
 flow and deploy it: `docker compose run --rm cli prefect deploy --name enrich`.
 """
@@ -125,12 +125,6 @@ REQUIREMENTS = """# {name}'s own dependencies beyond the base image's prefect; `
 s3fs  # fsspec's S3 file system, for an s3:// data store
 """
 
-DOCKERIGNORE = """# What stays out of the image (and out of its content tag, tools/image_tag.py).
-__pycache__/
-*.pyc
-test_*.py
-.pytest_cache/
-"""
 
 DEPLOYMENT = """
   - <<: *component
@@ -169,7 +163,6 @@ def scaffold(name: str, root: Path = ROOT) -> None:
         (directory / f"{name}.py").write_text(FLOW.format(name=name, key=name.replace("_", "-")))
         (directory / f"test_{name}.py").write_text(TEST.format(name=name))
         (directory / "requirements.txt").write_text(REQUIREMENTS.format(name=name))
-        (directory / ".dockerignore").write_text(DOCKERIGNORE)
         subprocess.run([sys.executable, str(root / "tools" / "lock.py"), "--only", name], check=True)
     except BaseException:
         shutil.rmtree(directory)  # all or nothing: prefect.yaml is written only after this

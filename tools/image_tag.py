@@ -3,8 +3,8 @@
     build:
       - tools/image_tag.py:image_tag: {id: component, directory: subflow}
 
-The tag is a hash of what the image is made of: the files the component's build context really
-holds (docker-py's own reading of its .dockerignore), the shared recipe and the base-image pin.
+The tag is a hash of what the image is made of: the component's files that the build context
+really holds (docker-py's own reading of .dockerignore), the shared recipe and the base-image pin.
 Same content, same tag, nothing to rebuild; any change, a new tag, so no worker ever runs a stale
 image. Pure Python, so it gives the same tag on Linux, macOS and Windows.
 """
@@ -41,15 +41,15 @@ def image_tag(directory: str) -> ImageTag:
 
 
 def content_hash(directory: Path, base_image: str) -> str:
-    """12 hex digits of sha256 over the build context's files, the recipe and the base image."""
+    """12 hex digits of sha256 over the component's context files, the recipe and the base image."""
     if not (directory / "requirements.lock").is_file():
         raise FileNotFoundError(f"{directory} is not a component: it has no requirements.lock")
-    ignore = directory / ".dockerignore"
-    patterns = ignore.read_text().splitlines() if ignore.is_file() else []
-    files = sorted(exclude_paths(str(directory), patterns))
+    patterns = (ROOT / ".dockerignore").read_text().splitlines()
+    prefix = f"{directory.relative_to(ROOT).as_posix()}/"
+    files = sorted(f for f in exclude_paths(str(ROOT), patterns) if Path(f).as_posix().startswith(prefix))
     digest = hashlib.sha256(base_image.encode() + b"\0" + RECIPE.read_bytes())
     for name in files:
-        path = directory / name
+        path = ROOT / name
         if path.is_file():
             # Names with forward slashes and file bytes as they are: the same on every OS.
             digest.update(b"\0" + Path(name).as_posix().encode() + b"\0" + path.read_bytes())
