@@ -2,10 +2,10 @@
 reference, and store the pipeline output next to it."""
 
 import hashlib
-import os
 import io
 import ipaddress
 import json
+import os
 import resource
 import socket
 import time
@@ -20,6 +20,7 @@ import httpx
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from botocore.exceptions import ConnectionError as BotoConnectionError  # s3fs's client: S3 unreachable
 from fsspec.implementations.local import LocalFileSystem
 from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -75,6 +76,10 @@ class PipelineError(RuntimeError):
 
 class SourceUnavailable(ConnectionError):
     """The source could not be reached: worth a retry."""
+
+
+class StoreUnavailable(ConnectionError):
+    """The data store could not be reached (after its client's own retries): worth a retry."""
 
 
 @flow(name="main-flow")
@@ -138,7 +143,7 @@ def step_groups(steps: list[str | list[str]]) -> list[list[str]]:
 
 
 def transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry only when the source or the store could not be reached; bad data fails the same way again."""
+    """Retry only if the source or the store was out of reach: bad data would fail the same way."""
     try:
         state.result()
     except (ConnectionError, httpx.TransportError):
@@ -170,6 +175,8 @@ def ingest(source: str, uri: str, settings: Settings, max_bytes: int, timeout_s:
                     raise ValueError(f"empty dataset {source!r}: a header but no data rows")
         except pa.ArrowInvalid as exc:
             raise ValueError(f"malformed dataset {source!r}: {describe(exc)}") from exc
+        except BotoConnectionError as exc:
+            raise StoreUnavailable(f"cannot reach the data store to write {uri}: {exc}") from exc
     return DataRef(uri=uri, rows=rows, columns=columns, bytes=sink.bytes, sha256=sink.sha256.hexdigest())
 
 
@@ -187,17 +194,21 @@ def describe(exc: pa.ArrowInvalid) -> str:
 
 @contextmanager
 def open_source(source: str, settings: Settings, max_bytes: int, deadline: float) -> Iterator[BinaryIO]:
-    """A capped, deadline-bound binary stream of an http(s) URL or of a file in the data directory."""
+    """A capped, deadline-bound binary stream of an http(s) URL or of a file in the data directory.
+
+    Buffered, so the CSV reader gets whole blocks however the network chunks the bytes: the
+    same input always gives the same Parquet, byte for byte.
+    """
     if "://" in source:
         with open_url(source, settings, deadline) as response:
             size = int(response.headers.get("content-length") or 0)
             if size > max_bytes:
                 raise ValueError(f"source {source!r} is {size} bytes, over max_bytes={max_bytes}")
-            yield Capped(response.iter_bytes(), source, max_bytes, deadline)  # as it arrives
+            yield io.BufferedReader(Capped(response.iter_bytes(), source, max_bytes, deadline), CHUNK)
         return
     path = source_path(source, settings)
     with path.open("rb") as file:
-        yield Capped(iter(lambda: file.read(CHUNK), b""), source, max_bytes, deadline)
+        yield io.BufferedReader(Capped(iter(lambda: file.read(CHUNK), b""), source, max_bytes, deadline), CHUNK)
 
 
 def source_path(source: str, settings: Settings) -> Path:

@@ -12,6 +12,7 @@ import fsspec
 from prefect import flow, get_client, get_run_logger
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.exceptions import ObjectNotFound
+from prefect.runtime import flow_run
 from pydantic import Field
 from pydantic_settings import BaseSettings
 
@@ -26,33 +27,40 @@ class Settings(BaseSettings):
 
 @flow(name="retention")
 def retention(days: Annotated[float, Field(ge=0)] = 30) -> dict[str, int]:
-    """Delete runs/<id>/ of main runs started before now - `days`, and older subflow Variables."""
-    cutoff = datetime.now(UTC) - timedelta(days=days)
+    """Delete runs/<id>/ of main runs created `days` before this run's scheduled time, or earlier,
+    with their subflow Variables, and any other subflow Variable as old."""
+    cutoff = flow_run.scheduled_start_time - timedelta(days=days)
     fs, root = fsspec.core.url_to_fs(f"{Settings().pipeline_data_url.rstrip('/')}/runs")
-    removed = {"runs": 0, "variables": 0}
+    expired = set()
     with get_client(sync_client=True) as client:
         for path in fs.ls(root, detail=False) if fs.exists(root) else []:
-            if started(client, path.rstrip("/").rsplit("/", 1)[-1]) < cutoff:
+            run_id = path.rstrip("/").rsplit("/", 1)[-1]
+            if created(client, run_id) < cutoff:
                 fs.rm(path, recursive=True)
-                removed["runs"] += 1
-        for name in expired_variables(client, cutoff):
+                expired.add(run_id)
+        variables = expired_variables(client, cutoff, expired)
+        for name in variables:
             client.delete_variable_by_name(name)
-            removed["variables"] += 1
+    removed = {"runs": len(expired), "variables": len(variables)}
     get_run_logger().info("removed %(runs)d run directories and %(variables)d Variables", removed)
     return removed
 
 
-def expired_variables(client: SyncPrefectClient, cutoff: datetime) -> list[str]:
-    """Names of the subflows' per-run Variables created before `cutoff`, read page by page."""
+def expired_variables(client: SyncPrefectClient, cutoff: datetime, runs: set[str]) -> list[str]:
+    """The subflows' Variables that point into an expired run, or were created before `cutoff`."""
     expired, offset = [], 0
     query = {"variables": {"tags": {"all_": ["subflow-output"]}}, "limit": PAGE}
     while page := client.request("POST", "/variables/filter", json={**query, "offset": offset}).json():
-        expired += [v["name"] for v in page if datetime.fromisoformat(v["created"]) < cutoff]
+        for variable in page:
+            output = variable["value"].get("output", "") if isinstance(variable["value"], dict) else ""
+            run = output.split("/runs/", 1)[1].split("/", 1)[0] if "/runs/" in output else None
+            if run in runs or datetime.fromisoformat(variable["created"]) < cutoff:
+                expired.append(variable["name"])
         offset += len(page)
     return expired
 
 
-def started(client: SyncPrefectClient, name: str) -> datetime:
+def created(client: SyncPrefectClient, name: str) -> datetime:
     """When the main run a directory belongs to was created; long ago if the server forgot it."""
     try:
         return client.read_flow_run(UUID(name)).created

@@ -113,7 +113,7 @@ def test_ingest_handles_a_utf8_byte_order_mark(data_dir, tmp_path):
         (b"a,b\n1,2\n3\n", "a row has a different number of fields than the header"),
         (b"a,,c\n1,2,3\n", "blank or repeated column names ['a', '', 'c']"),
         (b"a,a\n1,2\n", "blank or repeated column names ['a', 'a']"),
-        (b"a,b\n" + b"1,2\n" * 500_000 + b"x,2\n", "a column changes type after the first rows (In CSV column #0"),
+        (b"a,b\n" + b"1,2\n" * 1_200_000 + b"x,2\n", "a column changes type after the first rows (In CSV column #0"),
     ],
 )
 def test_ingest_rejects_malformed_data_and_leaves_nothing(data_dir, tmp_path, text, message):

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
 import s3fs
 from dotenv import dotenv_values
 from prefect.client.orchestration import SyncPrefectClient
@@ -42,6 +45,35 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 60, every: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(every)
+
+
+SPECIES = ["setosa", "versicolor", "virginica"]
+MEASURES = {"sepal_length": (4.3, 7.9), "sepal_width": (2.0, 4.4), "petal_length": (1.0, 6.9), "petal_width": (0.1, 2.5)}
+
+
+def iris_like(rows: int, seed: int = 0) -> pa.Table:
+    """`rows` random rows with the Iris columns: the size tests' and the benchmark's input."""
+    rng = np.random.default_rng(seed)
+    columns = {name: np.round(rng.uniform(low, high, rows), 1) for name, (low, high) in MEASURES.items()}
+    species = pa.DictionaryArray.from_arrays(rng.integers(0, len(SPECIES), rows, dtype=np.int32), SPECIES)
+    return pa.table({**columns, "species": species})
+
+
+def write_csv(table: pa.Table, path: Path) -> Path:
+    pacsv.write_csv(table.cast(pa.schema([f.with_type(pa.string()) if f.name == "species" else f for f in table.schema])), path)
+    path.chmod(0o644)
+    return path
+
+
+def expected_summary(table: pa.Table) -> list[dict[str, Any]]:
+    """Count and means per species, computed with numpy: independent of the flows' code."""
+    group = table["species"].combine_chunks().indices.to_numpy()
+    counts = np.bincount(group, minlength=len(SPECIES))
+    summary = []
+    for i, name in enumerate(SPECIES):
+        means = {f"mean_{m}": round(float(np.bincount(group, weights=table[m].to_numpy(), minlength=len(SPECIES))[i] / counts[i]), 3) for m in MEASURES}
+        summary.append({"species": name, "count": int(counts[i]), **means})
+    return summary
 
 
 def docker_available() -> bool:
@@ -129,7 +161,7 @@ class Stack:
     def use_store(self, url: str, **env: str) -> None:
         """Point the flows at another data store: the setup service reapplies the pool template."""
         self.overrides.update(PIPELINE_DATA_URL=url, **env)
-        self.compose("up", "-d", "--wait", "setup")
+        self.compose("run", "--rm", "-T", "setup")
 
     # --- the API ------------------------------------------------------------------------------
 
