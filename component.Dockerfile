@@ -1,9 +1,10 @@
 # The one image recipe of every component. prefect.yaml's build step builds it with the
 # repository as the context (.dockerignore keeps the rest out) and the component's directory as
-# COMPONENT; PREFECT_IMAGE comes from .env.
+# COMPONENT; PREFECT_IMAGE and FLOW_UID come from .env.
 ARG PREFECT_IMAGE
 FROM ${PREFECT_IMAGE}
 ARG COMPONENT
+ARG FLOW_UID
 WORKDIR /opt/prefect/pipeline
 # Locked dependencies first, in their own layer: a code-only change rebuilds just the layers below.
 COPY ${COMPONENT}/requirements.lock ${COMPONENT}/requirements.lock
@@ -13,4 +14,4 @@ COPY ${COMPONENT}/ ${COMPONENT}/
 # writable filesystem for it (the pools run containers with a read-only root).
 RUN python -m compileall -q ${COMPONENT}
 # Unprivileged by default; the work pools also force this user.
-USER 10001:10001
+USER ${FLOW_UID}:${FLOW_UID}

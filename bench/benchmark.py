@@ -1,67 +1,135 @@
-"""Benchmark the pipeline on docker workers against a process-worker baseline, in one session.
+"""Benchmark the pipeline on Docker workers against a process-worker baseline, on a stack of its own.
 
-    .venv/bin/python bench/benchmark.py                    # make bench
-    .venv/bin/python bench/benchmark.py --runs 1 --concurrency 1 --redeploys 1   # smoke
+    .venv/bin/python bench/benchmark.py            # make bench: every figure (about 90 minutes)
+    .venv/bin/python bench/benchmark.py --smoke    # one run of each figure, small (CI)
 
-It brings up the stack plus the baseline (bench/compose.baseline.yml), deploys both designs,
-warms each up with one run, then measures, alternating the designs run by run:
-- latency: trigger to Completed of one pipeline run (server timestamps), and the hops of both
-  runs: scheduled->pending, pending->running, running->completed, and the parent's wait after
-  its child completed;
-- throughput: N pipeline runs created at once, wall time until all are final, all correct;
-- redeploy (docker only): `prefect deploy --name subflow` after a one-line change.
-Prints medians with min-max and the docker/process ratio; writes JSON to --out.
+The stack is a compose project of its own (tests/harness.py), plus the baseline: the same
+components on process workers (bench/compose.baseline.yml, bench/prefect.yaml). Figures:
+
+  floor       per component image: `docker run IMAGE true`, and a fresh container importing
+              prefect.engine and the component's module (its heavy imports); the pipeline's floor
+              is the three serial hops' sum
+  latency     trigger to completed of one pipeline run and its hops, designs alternating run by
+              run; ratios to the floor and to the process baseline
+  cpu         CPU-seconds per pipeline run: flow processes (each reports its own), workers,
+              server, Postgres (cgroup accounting through the Docker API), dockerd and containerd
+  sizes       1k to 10M random rows over HTTP, file and S3 store (docker design): trigger to
+              completed and each flow container's peak memory; a chart, bench/sizes.png
+  throughput  N pipeline runs created at once: wall time, all correct, 503s in the server log
+  redeploy    `prefect deploy --name subflow` after a one-line change
+
+Prints medians (min-max) and ratios as markdown tables, and writes every sample to --out.
 """
 
 import argparse
 import json
-import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "10")  # as the flows and workers do
-
-from prefect.client.orchestration import SyncPrefectClient  # noqa: E402
-from prefect.client.schemas.filters import (  # noqa: E402
-    FlowRunFilter,
-    FlowRunFilterParentFlowRunId,
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import docker  # noqa: E402
+from harness import (  # noqa: E402
+    PREFECT,
+    ROOT,
+    S3_KEYS,
+    SETTINGS,
+    Stack,
+    expected_summary,
+    iris_like,
+    project_copy,
+    write_csv,
 )
+from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolUpdate  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-API_URL = "http://127.0.0.1:4200/api"
-COMPOSE = ["docker", "compose", "-f", "docker-compose.yml", "-f", "bench/compose.baseline.yml"]
 DESIGNS = {"docker": "main-flow/main", "process": "main-flow/main-process"}
+POOLS = {"BASELINE_FLOW_POOL": "flow-process", "BASELINE_VALIDATE_POOL": "validate-process", "BASELINE_SUBFLOW_POOL": "subflow-process"}
+# Each component: its deployment and its flow module (what a flow-run container imports).
+COMPONENTS = {
+    "main_flow": ("main-flow/main", "main_flow.main_flow"),
+    "validate": ("validate/validate", "validate.validate"),
+    "subflow": ("subflow/subflow", "subflow.subflow"),
+}
+STEPS = ("validate", "subflow")
+DATA = Path(tempfile.mkdtemp(prefix="bench-data-"))
+BENCH = Stack(
+    "modular-pipeline-bench",
+    prefect_port=34200,
+    registry_port=35000,
+    s3_port=39000,
+    extra_files=("bench/compose.baseline.yml",),
+    overrides={"SOURCE_ALLOW_HOSTS": "testdata", "TEST_DATA": str(DATA), **POOLS},
+)
+S3_STORE = {"AWS_ENDPOINT_URL": "http://s3:9000", **S3_KEYS}
 
 
-def env() -> dict[str, str]:
-    lines = (ROOT / ".env").read_text().splitlines()
-    pins = dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
-    return {**os.environ, **pins, "PREFECT_API_URL": API_URL}
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def run(*args: str, cwd: Path = ROOT) -> None:
-    subprocess.run(args, cwd=cwd, env=env(), check=True, capture_output=True, text=True)
+def fmt(s: dict[str, float], digits: int = 2) -> str:
+    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+
+
+# --- setup ---------------------------------------------------------------------------------------
 
 
 def setup() -> None:
-    """Stack plus baseline up, both designs deployed."""
-    run(*COMPOSE, "up", "-d", "--build", "--wait")
-    cli = [*COMPOSE, "run", "--rm", "-T", "cli", "prefect"]
-    run(*cli, "deploy", "--all")
-    run(*cli, "deploy", "--prefect-file", "bench/prefect.yaml", "--all")
-    # The same concurrency limits as the docker pools (docker-compose.yml, `pools`).
-    limits = {"flow-process-pool": "FLOW_POOL_LIMIT", "subflow-process-pool": "SUBFLOW_POOL_LIMIT"}
-    for pool, variable in limits.items():
-        run(*cli, "work-pool", "set-concurrency-limit", pool, os.environ.get(variable, "10"))
+    """The benchmark's stack and baseline up, both designs deployed, the same limits on all pools."""
+    DATA.chmod(0o755)
+    BENCH.down()
+    BENCH.up()
+    BENCH.deploy()
+    BENCH.sh(PREFECT, "--no-prompt", "deploy", "--prefect-file", "bench/prefect.yaml", "--all")
+    with BENCH.api() as client:
+        docker_validate = client.read_deployment_by_name("validate/validate")
+        process_validate = client.read_deployment_by_name("validate/validate-process")
+        client.update_deployment(process_validate.id, DeploymentUpdate(parameters=docker_validate.parameters))
+        limits = {SETTINGS["FLOW_POOL_LIMIT"]: [POOLS["BASELINE_FLOW_POOL"]]}
+        limits[SETTINGS["SUBFLOW_POOL_LIMIT"]] = [POOLS["BASELINE_VALIDATE_POOL"], POOLS["BASELINE_SUBFLOW_POOL"]]
+        for limit, pools in limits.items():
+            for pool in pools:
+                client.update_work_pool(pool, WorkPoolUpdate(concurrency_limit=int(limit)))
 
 
-def timestamps(client: SyncPrefectClient, run_id: Any) -> dict[str, float]:
+def serve(name: str, rows: int) -> str:
+    """`rows` random Iris-like rows on the stack's test data server; their URL."""
+    if not (DATA / name).exists():
+        write_csv(iris_like(rows, seed=rows), DATA / name)
+    return f"http://testdata:8000/{name}"
+
+
+# --- floor ---------------------------------------------------------------------------------------
+
+
+def timed(*args: str) -> float:
+    started = time.monotonic()
+    BENCH.sh(*args)
+    return time.monotonic() - started
+
+
+def floor(runs: int) -> dict[str, Any]:
+    """Container start, and start plus the imports of the engine and the component, per image."""
+    result = {}
+    for component, (deployment, module) in COMPONENTS.items():
+        image = BENCH.deployment(deployment).job_variables["image"]
+        load = f"import sys; sys.path.insert(0, '/opt/prefect/pipeline'); import prefect.engine, {module}"
+        result[component] = {
+            "start": spread([timed("docker", "run", "--rm", "--entrypoint", "true", image) for _ in range(runs)]),
+            "start+imports": spread([timed("docker", "run", "--rm", "--entrypoint", "python", image, "-c", load) for _ in range(runs)]),
+        }
+    result["pipeline"] = sum(v["start+imports"]["median"] for v in result.values())
+    return result
+
+
+# --- one run: latency, hops, costs ---------------------------------------------------------------
+
+
+def timestamps(client: Any, run_id: Any) -> dict[str, float]:
     """First time the run entered each state type, in epoch seconds (server clock)."""
     seen: dict[str, float] = {}
     for state in sorted(client.read_flow_run_states(run_id), key=lambda s: s.timestamp):
@@ -69,151 +137,271 @@ def timestamps(client: SyncPrefectClient, run_id: Any) -> dict[str, float]:
     return seen
 
 
-def start(client: SyncPrefectClient, design: str, n: int) -> list[Any]:
-    deployment = client.read_deployment_by_name(DESIGNS[design])
-    return [client.create_flow_run_from_deployment(deployment.id).id for _ in range(n)]
+def hops(run: Any) -> dict[str, float]:
+    """Total and per-hop seconds of a finished pipeline run, from the server's state history."""
+    with BENCH.api() as client:
+        main = timestamps(client, run.id)
+        children = {BENCH.flow_name(c): timestamps(client, c.id) for c in BENCH.children(run.id)}
+    figures = {
+        "trigger to completed": main["COMPLETED"] - main["SCHEDULED"],
+        "main: scheduled to running": main["RUNNING"] - main["SCHEDULED"],
+        "main: running to first step created": children[STEPS[0]]["SCHEDULED"] - main["RUNNING"],
+    }
+    for name in STEPS:
+        step = children[name]
+        figures[f"{name}: scheduled to pending"] = step["PENDING"] - step["SCHEDULED"]
+        figures[f"{name}: pending to running"] = step["RUNNING"] - step["PENDING"]
+        figures[f"{name}: running to completed"] = step["COMPLETED"] - step["RUNNING"]
+    figures["between steps"] = children[STEPS[1]]["SCHEDULED"] - children[STEPS[0]]["COMPLETED"]
+    figures["main: last step completed to completed"] = main["COMPLETED"] - children[STEPS[-1]]["COMPLETED"]
+    return figures
 
 
-def wait(client: SyncPrefectClient, run_ids: list[Any], timeout: float = 900) -> list[Any]:
-    """Poll until every run is final; the runs."""
-    deadline = time.monotonic() + timeout
-    while True:
-        runs = [client.read_flow_run(run_id) for run_id in run_ids]
-        if all(r.state.is_final() for r in runs):
-            return runs
-        if time.monotonic() > deadline:
-            sys.exit(f"runs still not final after {timeout}s: {[r.state.name for r in runs]}")
-        time.sleep(0.2)
-
-
-def child(client: SyncPrefectClient, run_id: Any) -> Any:
-    (found,) = client.read_flow_runs(
-        flow_run_filter=FlowRunFilter(
-            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id])
-        )
-    )
-    return found
-
-
-def correct(client: SyncPrefectClient, run: Any) -> bool:
-    """Completed, with a completed child whose Variable holds the three Iris groups."""
+def correct(run: Any, summary: list[dict[str, Any]] | None = None) -> bool:
+    """Completed, and the stored output holds the expected groups (the shipped Iris by default)."""
     if not run.state.is_completed():
         return False
-    sub = child(client, run.id)
-    variable = client.read_variable_by_name(f"subflow-output-{sub.id}")
-    return sub.state.is_completed() and variable is not None and len(variable.value) == 3
+    (result,) = [r for name, r in BENCH.output(run)["results"].items() if name.startswith("subflow/")]
+    if summary is None:
+        return [g["count"] for g in result["summary"]] == [50, 50, 50]
+    return [(g["species"], g["count"]) for g in result["summary"]] == [(g["species"], g["count"]) for g in summary]
 
 
-def latency(client: SyncPrefectClient, design: str) -> dict[str, float]:
-    """One pipeline run: total and per-hop seconds."""
-    (run_id,) = start(client, design, 1)
-    (main,) = wait(client, [run_id])
-    assert correct(client, main), main.state
-    sub = child(client, run_id)
-    m, c = timestamps(client, main.id), timestamps(client, sub.id)
+def latency(runs: int) -> dict[str, Any]:
+    samples: dict[str, list[dict[str, float]]] = {design: [] for design in DESIGNS}
+    for design, deployment in DESIGNS.items():  # warm-up: first image pulls, caches
+        BENCH.run(deployment)
+    for _ in range(runs):
+        for design, deployment in DESIGNS.items():
+            run = BENCH.run(deployment)
+            assert correct(run), (design, run.state)
+            samples[design].append(hops(run))
+    return {design: {k: spread([s[k] for s in runs_]) for k in runs_[0]} for design, runs_ in samples.items()}
+
+
+# --- CPU -----------------------------------------------------------------------------------------
+
+
+def container_cpu() -> dict[str, float]:
+    """Cumulative CPU-seconds of each long-lived container of the stack (cgroup accounting)."""
+    client = docker.from_env()
+    label = f"com.docker.compose.project={BENCH.project}"
     return {
-        "total": m["COMPLETED"] - m["SCHEDULED"],
-        "main scheduled->pending": m["PENDING"] - m["SCHEDULED"],
-        "main pending->running": m["RUNNING"] - m["PENDING"],
-        "main running->completed": m["COMPLETED"] - m["RUNNING"],
-        "sub scheduled->pending": c["PENDING"] - c["SCHEDULED"],
-        "sub pending->running": c["RUNNING"] - c["PENDING"],
-        "sub running->completed": c["COMPLETED"] - c["RUNNING"],
-        "main wait after sub completed": m["COMPLETED"] - c["COMPLETED"],
+        c.labels["com.docker.compose.service"]: c.stats(stream=False)["cpu_stats"]["cpu_usage"]["total_usage"] / 1e9
+        for c in client.containers.list(filters={"label": label})
     }
 
 
-def throughput(client: SyncPrefectClient, design: str, n: int) -> dict[str, float]:
-    started = time.monotonic()
-    runs = wait(client, start(client, design, n))
-    wall = time.monotonic() - started
-    return {"wall": wall, "correct": sum(correct(client, r) for r in runs), "runs": n}
+def daemon_cpu() -> float:
+    """CPU-seconds of dockerd and containerd so far (they start every flow-run container)."""
+    total = 0.0
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if (proc / "comm").read_text().strip() in ("dockerd", "containerd", "containerd-shim", "containerd-shim-runc-v2"):
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+    return total
 
 
-def redeploy_seconds() -> float:
+def cpu(runs: int) -> dict[str, Any]:
+    """CPU-seconds per pipeline run, by where it was spent, each design in a block of its own."""
+    services = {
+        "docker": ["prefect-server", "postgres", "worker-flow", "worker-subflow"],
+        "process": ["prefect-server", "postgres", *(f"process-{c}" for c in COMPONENTS)],
+    }
+    result = {}
+    for design, deployment in DESIGNS.items():
+        before, daemon = container_cpu(), daemon_cpu()
+        outputs = [BENCH.output(BENCH.run(deployment)) for _ in range(runs)]
+        after, daemon = container_cpu(), daemon_cpu() - daemon
+        per_run = {s: (after[s] - before[s]) / runs for s in services[design]}
+        if design == "docker":  # flow processes report their own; process flows are in their workers
+            per_run["flow containers"] = statistics.mean(
+                o["cpu_seconds"] + sum(r["cpu_seconds"] for r in o["results"].values()) for o in outputs
+            )
+            per_run["dockerd and containerd"] = daemon / runs
+        per_run["total"] = sum(per_run.values())
+        result[design] = per_run
+    return result
+
+
+# --- sizes, throughput, redeploy -----------------------------------------------------------------
+
+
+def sizes(rows: list[int], runs: int) -> dict[str, Any]:
+    """The docker design on growing inputs, in both storage modes: time and peak memory."""
+    result: dict[str, Any] = {}
+    for store in ("file", "s3"):
+        if store == "s3":
+            BENCH.use_store("s3://pipeline/data", **S3_STORE)
+        for n in rows:
+            url = serve(f"rows{n}.csv", n)
+            expected = expected_summary(iris_like(n, seed=n)) if n <= 1_000_000 else None
+            samples = []
+            for _ in range(runs):
+                run = BENCH.run(DESIGNS["docker"], source=url, timeout=3600)
+                output = BENCH.output(run) if run.state.is_completed() else None
+                samples.append({
+                    "seconds": hops(run)["trigger to completed"] if output else None,
+                    "correct": bool(output) and (expected is None or correct(run, expected)) and output["input"]["rows"] == n,
+                    "state": run.state.name,
+                    "peak_mb": {"main_flow": output["peak_rss_bytes"] / 2**20, **{k.split("/")[0]: r["peak_rss_bytes"] / 2**20 for k, r in output["results"].items()}} if output else {},
+                    "input_mb": output["input"]["bytes"] / 2**20 if output else None,
+                })
+            result.setdefault(store, {})[n] = samples
+    for name in S3_STORE:
+        BENCH.overrides.pop(name)
+    BENCH.use_store(SETTINGS["PIPELINE_DATA_URL"])
+    return result
+
+
+def server_503s(since: datetime) -> int:
+    logs = BENCH.compose("logs", "--no-log-prefix", "--since", since.isoformat(), "prefect-server").stdout
+    return sum(("503" in line and "Service Unavailable" in line) or "database is locked" in line for line in logs.splitlines())
+
+
+def throughput(counts: list[int]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for n in counts:
+        for design, deployment in DESIGNS.items():
+            since = datetime.now(UTC)
+            started = time.monotonic()
+            runs = [BENCH.start(deployment).id for _ in range(n)]  # at once, through the API
+            finished = [BENCH.wait_final(run_id, timeout=3600) for run_id in runs]
+            wall = time.monotonic() - started
+            result.setdefault(str(n), {})[design] = {
+                "wall": wall,
+                "correct": sum(correct(run) for run in finished),
+                "runs": n,
+                "503s": server_503s(since),
+            }
+    return result
+
+
+def redeploy(runs: int) -> dict[str, float]:
     """`prefect deploy --name subflow` after a one-line change, from a copy of the project."""
-    with tempfile.TemporaryDirectory() as tmp:
-        project = Path(tmp)
-        shutil.copy(ROOT / ".env", project)
-        shutil.copy(ROOT / "prefect.yaml", project)
-        for component in ("main_flow", "subflow"):
-            shutil.copytree(ROOT / component, project / component)
-        code = project / "subflow" / "subflow.py"
-        code.write_text(code.read_text() + f"\n# benchmark change {time.time_ns()}\n")
-        started = time.monotonic()
-        run(
-            sys.executable,
-            "-m",
-            "prefect",
-            "--no-prompt",
-            "deploy",
-            "--name",
-            "subflow",
-            cwd=project,
-        )
-        return time.monotonic() - started
+    samples = []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            project = project_copy(Path(tmp))
+            code = project / "subflow" / "subflow.py"
+            code.write_text(code.read_text() + f"\n# benchmark change {time.time_ns()}\n")
+            samples.append(BENCH.deploy("subflow", cwd=project)[0])
+    BENCH.deploy("subflow")
+    return spread(samples)
 
 
-def spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+# --- report --------------------------------------------------------------------------------------
+
+
+def report(results: dict[str, Any]) -> str:
+    lines = []
+    if "floor" in results:
+        fl = results["floor"]
+        lines += ["| image | docker run true (s) | run + import engine and component (s) |", "| --- | --- | --- |"]
+        lines += [f"| {c} | {fmt(fl[c]['start'])} | {fmt(fl[c]['start+imports'])} |" for c in COMPONENTS]
+        lines += [f"| **pipeline floor** (three serial hops) | | **{fl['pipeline']:.2f}** |", ""]
+    if "latency" in results:
+        lat, floor_s = results["latency"], results.get("floor", {}).get("pipeline")
+        lines += ["| figure (s) | docker | process | docker/process |", "| --- | --- | --- | --- |"]
+        for key in lat["docker"]:
+            d, p = lat["docker"][key], lat["process"][key]
+            ratio = d["median"] / p["median"] if p["median"] > 0 else float("nan")
+            lines.append(f"| {key} | {fmt(d)} | {fmt(p)} | {ratio:.2f} |")
+        if floor_s:
+            total = lat["docker"]["trigger to completed"]["median"]
+            lines.append(f"| trigger to completed / floor | {total / floor_s:.2f} | | |")
+        lines.append("")
+    if "cpu" in results:
+        c = results["cpu"]
+        lines += ["| CPU-seconds per pipeline run | docker | process |", "| --- | --- | --- |"]
+        for key in dict.fromkeys([*c["docker"], *c["process"]]):
+            lines.append(f"| {key} | {c['docker'].get(key, 0):.2f} | {c['process'].get(key, 0):.2f} |")
+        lines.append("")
+    if "throughput" in results:
+        lines += ["| runs at once | docker: wall (s), correct, 503s | process: wall, correct, 503s | docker/process |", "| --- | --- | --- | --- |"]
+        for n, by in results["throughput"].items():
+            d, p = by["docker"], by["process"]
+            lines.append(f"| {n} | {d['wall']:.1f}, {d['correct']}/{n}, {d['503s']} | {p['wall']:.1f}, {p['correct']}/{n}, {p['503s']} | {d['wall'] / p['wall']:.2f} |")
+        lines.append("")
+    if "sizes" in results:
+        lines += ["| rows | store | input (MB) | trigger to completed (s) | peak MB: main, validate, subflow | correct |", "| --- | --- | --- | --- | --- | --- |"]
+        for store, by_rows in results["sizes"].items():
+            for n, samples in by_rows.items():
+                done = [s for s in samples if s["seconds"] is not None]
+                seconds = fmt(spread([s["seconds"] for s in done]), 1) if done else "failed"
+                peak = ", ".join(f"{max(s['peak_mb'][c] for s in done):.0f}" for c in COMPONENTS) if done else "-"
+                mb = f"{done[0]['input_mb']:.1f}" if done else "-"
+                lines.append(f"| {int(n):,} | {store} | {mb} | {seconds} | {peak} | {sum(s['correct'] for s in samples)}/{len(samples)} |")
+        lines.append("")
+    if results.get("redeploy"):
+        lines.append(f"redeploy subflow after a one-line change: {fmt(results['redeploy'], 1)} s")
+    return "\n".join(lines)
+
+
+def chart(sizes_: dict[str, Any], path: Path) -> None:
+    """Time and peak memory against rows, per store: bench/sizes.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for store, by_rows in sizes_.items():
+        done = {int(n): [x for x in samples if x["seconds"]] for n, samples in by_rows.items()}
+        rows = [n for n, d in done.items() if d]
+        done = [done[n] for n in rows]
+        left.plot(rows, [statistics.median(x["seconds"] for x in d) for d in done], marker="o", label=f"{store} store")
+        for component in COMPONENTS:
+            right.plot(rows, [max(x["peak_mb"][component] for x in d) for d in done], marker="o", label=f"{component} ({store})")
+    left.set(xscale="log", yscale="log", xlabel="rows", ylabel="trigger to completed (s)", title="Pipeline time")
+    right.set(xscale="log", xlabel="rows", ylabel="peak RSS (MB)", title="Peak memory per flow container")
+    right.axhline(1024, color="grey", linestyle="--", linewidth=1, label="1 GB")
+    for axis in (left, right):
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5, help="latency runs per design")
-    parser.add_argument("--concurrency", type=int, nargs="*", default=[10, 20])
+    parser.add_argument("--runs", type=int, default=5, help="latency and CPU runs per design")
+    parser.add_argument("--rows", type=int, nargs="*", default=[1_000, 100_000, 1_000_000, 10_000_000])
+    parser.add_argument("--size-runs", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[10, 50])
     parser.add_argument("--redeploys", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="one run of each figure, 1,000 rows, 2 at once")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
-    parser.add_argument("--skip-setup", action="store_true", help="stack already up and deployed")
+    parser.add_argument("--chart", type=Path, default=ROOT / "bench" / "sizes.png")
+    parser.add_argument("--keep", action="store_true", help="leave the benchmark's stack up afterwards")
     args = parser.parse_args()
+    if args.smoke:
+        args.runs, args.rows, args.size_runs, args.concurrency, args.redeploys = 1, [1_000], 1, [2], 1
 
-    if not args.skip_setup:
-        setup()
-    results: dict[str, Any] = {"latency": {}, "throughput": {}, "redeploy": None}
-    with SyncPrefectClient(API_URL) as client:
-        for design in DESIGNS:
-            latency(client, design)  # warm-up: first image pull, caches
-        samples: dict[str, list[dict[str, float]]] = {design: [] for design in DESIGNS}
-        for _ in range(args.runs):
-            for design in DESIGNS:
-                samples[design].append(latency(client, design))
-        for design, runs in samples.items():
-            results["latency"][design] = {k: spread([r[k] for r in runs]) for k in runs[0]}
-        args.out.write_text(json.dumps(results, indent=2))  # partial results survive a failure
-        for n in args.concurrency:
-            results["throughput"][n] = {d: throughput(client, d, n) for d in DESIGNS}
-            args.out.write_text(json.dumps(results, indent=2))
+    setup()
+    results: dict[str, Any] = {"when": datetime.now(UTC).isoformat(), "args": {k: str(v) for k, v in vars(args).items()}}
     try:
-        results["redeploy"] = spread([redeploy_seconds() for _ in range(args.redeploys)])
+        stages = [
+            ("floor", lambda: floor(max(args.runs, 3))),
+            ("latency", lambda: latency(args.runs)),
+            ("cpu", lambda: cpu(args.runs)),
+            ("sizes", lambda: sizes(args.rows, args.size_runs)),
+            ("throughput", lambda: throughput(args.concurrency)),
+            ("redeploy", lambda: redeploy(args.redeploys)),
+        ]
+        for name, stage in stages:
+            print(f"[bench] {name} ...", flush=True)
+            results[name] = stage()
+            args.out.write_text(json.dumps(results, indent=2, default=str))  # what is done survives
+        chart(results["sizes"], args.chart)
     finally:
-        run(*COMPOSE, "run", "--rm", "-T", "cli", "prefect", "deploy", "--name", "subflow")
-    args.out.write_text(json.dumps(results, indent=2))
-    print(table(results))
-    print(f"\nresults: {args.out}")
-
-
-def table(results: dict[str, Any]) -> str:
-    """The results as a markdown table: medians (min-max) and the docker/process ratio."""
-    rows = ["| figure | docker | process | docker/process |", "| --- | --- | --- | --- |"]
-    lat = results["latency"]
-    for key in lat["docker"]:
-        d, p = lat["docker"][key], lat["process"][key]
-        ratio = d["median"] / p["median"] if p["median"] > 0 else float("nan")
-        rows.append(f"| {key} (s) | {fmt(d)} | {fmt(p)} | {ratio:.2f} |")
-    for n, by_design in results["throughput"].items():
-        d, p = by_design["docker"], by_design["process"]
-        rows.append(
-            f"| {n} runs at once: wall (s), correct | {d['wall']:.1f}, {d['correct']}/{n} "
-            f"| {p['wall']:.1f}, {p['correct']}/{n} | {d['wall'] / p['wall']:.2f} |"
-        )
-    rows.append(
-        f"| redeploy subflow after a one-line change (s) | {fmt(results['redeploy'])} | n/a | |"
-    )
-    return "\n".join(rows)
-
-
-def fmt(s: dict[str, float]) -> str:
-    return f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
+        if not args.keep:
+            BENCH.down()
+    print(report(results))
+    print(f"\nresults: {args.out}, chart: {args.chart}")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ CHUNK = 1 << 20
 class Settings(BaseSettings):
     """Operator settings, from the container's environment (set by the work pool's template)."""
 
-    pipeline_data_url: str = "file:///data"
+    pipeline_data_url: str  # PIPELINE_DATA_URL, from .env through the pool template
     source_dir: Path = Path(__file__).resolve().parent / "data"
     # Absolute path prefixes and URL hosts that sources may use besides the defaults.
     source_allow_prefixes: Annotated[list[Path], NoDecode] = []

@@ -22,7 +22,7 @@ PAGE = 200  # the server's default and largest page
 class Settings(BaseSettings):
     """Operator settings, from the container's environment (set by the work pool's template)."""
 
-    pipeline_data_url: str = "file:///data"
+    pipeline_data_url: str  # PIPELINE_DATA_URL, from .env through the pool template
 
 
 @flow(name="retention")

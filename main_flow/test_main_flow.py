@@ -18,13 +18,15 @@ from conftest import IRIS
 
 from main_flow import main_flow as component
 
-Settings = component.Settings
+def settings(**values) -> component.Settings:
+    """The main flow's settings for a test: the shipped data directory unless told otherwise."""
+    return component.Settings(**{"pipeline_data_url": "file:///unused", "source_dir": IRIS.parent, **values})
 
 
-def ingest(source: str, store: Path, settings: Settings | None = None, **limits) -> component.DataRef:
+def ingest(source: str, store: Path, config: component.Settings | None = None, **limits) -> component.DataRef:
     limits = {"max_bytes": 1 << 30, "timeout_s": 60, **limits}
     uri = f"file://{store}/input.parquet"
-    return component.ingest.fn(source, uri, settings or Settings(source_dir=IRIS.parent), **limits)
+    return component.ingest.fn(source, uri, config or settings(), **limits)
 
 
 def empty(store: Path) -> bool:
@@ -77,7 +79,7 @@ def http_server(tmp_path: Path):
     server.shutdown()
 
 
-LOOPBACK = Settings(source_dir=IRIS.parent, source_allow_hosts=["127.0.0.1"])
+LOOPBACK = settings(source_allow_hosts=["127.0.0.1"])
 
 
 def test_ingest_converts_the_shipped_iris_data_to_parquet(tmp_path):
@@ -101,7 +103,7 @@ def test_ingest_over_http_gives_the_same_data(http_server, tmp_path):
 
 def test_ingest_handles_a_utf8_byte_order_mark(data_dir, tmp_path):
     (data_dir / "bom.csv").write_bytes(b"\xef\xbb\xbf" + IRIS.read_bytes())
-    ref = ingest("bom.csv", tmp_path, Settings(source_dir=data_dir))
+    ref = ingest("bom.csv", tmp_path, settings(source_dir=data_dir))
     assert ref["columns"][0] == "sepal_length" and ref["rows"] == 150
 
 
@@ -119,7 +121,7 @@ def test_ingest_handles_a_utf8_byte_order_mark(data_dir, tmp_path):
 def test_ingest_rejects_malformed_data_and_leaves_nothing(data_dir, tmp_path, text, message):
     (data_dir / "x.csv").write_bytes(text)
     with pytest.raises(ValueError, match=re.escape(message)):
-        ingest("x.csv", tmp_path / "store", Settings(source_dir=data_dir))
+        ingest("x.csv", tmp_path / "store", settings(source_dir=data_dir))
     assert empty(tmp_path / "store")
 
 
@@ -156,12 +158,12 @@ def test_file_sources_stay_in_the_data_directory(tmp_path, source, message):
 def test_a_symlink_out_of_the_data_directory_is_refused(data_dir, tmp_path):
     (data_dir / "escape.csv").symlink_to(IRIS)
     with pytest.raises(ValueError, match="outside the data directory"):
-        ingest("escape.csv", tmp_path, Settings(source_dir=data_dir))
+        ingest("escape.csv", tmp_path, settings(source_dir=data_dir))
 
 
 def test_an_allowed_prefix_admits_absolute_paths(tmp_path):
-    settings = Settings(source_dir=tmp_path, source_allow_prefixes=str(IRIS.parent))
-    assert ingest(str(IRIS), tmp_path / "store", settings)["rows"] == 150
+    config = settings(source_dir=tmp_path, source_allow_prefixes=str(IRIS.parent))
+    assert ingest(str(IRIS), tmp_path / "store", config)["rows"] == 150
 
 
 @pytest.mark.parametrize(
@@ -250,7 +252,7 @@ def s3_env(s3_endpoint, monkeypatch):
 
 def test_ingest_into_s3_matches_the_file_store(s3_env, tmp_path):
     uri = "s3://pipeline/runs/unit/input.parquet"
-    ref = component.ingest.fn("iris.csv", uri, Settings(), max_bytes=1 << 30, timeout_s=60)
+    ref = component.ingest.fn("iris.csv", uri, settings(), max_bytes=1 << 30, timeout_s=60)
     assert ref["sha256"] == ingest("iris.csv", tmp_path)["sha256"]
     component.verify(ref)
     assert s3_env.ls("pipeline/runs/unit") == ["pipeline/runs/unit/input.parquet"]
@@ -260,5 +262,5 @@ def test_a_failed_upload_leaves_no_object(s3_env, data_dir):
     (data_dir / "ragged.csv").write_bytes(b"a,b\n" + b"1,2\n" * 300_000 + b"3\n")
     uri = "s3://pipeline/runs/failed/input.parquet"
     with pytest.raises(ValueError, match="different number of fields"):
-        component.ingest.fn("ragged.csv", uri, Settings(source_dir=data_dir), max_bytes=1 << 30, timeout_s=60)
+        component.ingest.fn("ragged.csv", uri, settings(source_dir=data_dir), max_bytes=1 << 30, timeout_s=60)
     assert not s3_env.exists(uri)

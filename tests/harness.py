@@ -88,6 +88,7 @@ class Stack:
     prefect_port: int
     registry_port: int
     s3_port: int | None = None  # with tests/compose.yml: an S3 endpoint and a test data server
+    extra_files: tuple[str, ...] = ()  # more compose files, e.g. the benchmark's baseline
     overrides: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -138,7 +139,8 @@ class Stack:
         return proc
 
     def compose(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
-        files = ["-f", "docker-compose.yml"] + (["-f", str(TEST_OVERLAY)] if self.s3_port else [])
+        overlays = [str(TEST_OVERLAY)] * bool(self.s3_port) + list(self.extra_files)
+        files = [a for f in ["docker-compose.yml", *overlays] for a in ("-f", f)]
         return self.sh("docker", "compose", *files, *args, **kwargs)
 
     def up(self) -> None:

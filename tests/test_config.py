@@ -1,40 +1,163 @@
-"""Static checks of the platform's configuration: pins, ports, tags."""
+"""Static checks of the platform's configuration: one home per setting, loopback ports, a small
+block per component, portable and stable content tags, fresh locks. No Docker needed."""
 
-import re
+import shutil
+import subprocess
+import sys
 import tomllib
+from pathlib import Path
 
+import pytest
 import yaml
-from e2e import ROOT, dotenv
+from harness import ROOT, SETTINGS
+
+sys.path.insert(0, str(ROOT / "tools"))
+import image_tag  # noqa: E402
+import lock  # noqa: E402
+
+COMPONENTS = ["main_flow", "validate", "subflow"]
 
 
-def test_one_prefect_version_everywhere():
-    env = dotenv()
-    version = re.fullmatch(r"prefecthq/prefect:(\d+\.\d+\.\d+)-python3\.11", env["PREFECT_IMAGE"])
-    assert version, env["PREFECT_IMAGE"]
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert f"prefect=={version.group(1)}" in deps
-    assert f"prefect-docker=={env['PREFECT_DOCKER_VERSION']}" in deps
-    prefect_yaml = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    assert prefect_yaml["prefect-version"] == version.group(1)
-    # Every image is FROM the pin in .env, never a version of its own.
-    for dockerfile in ROOT.glob("*/Dockerfile"):
-        assert "FROM ${PREFECT_IMAGE}" in dockerfile.read_text(), dockerfile
+def tracked(*exclude: str) -> dict[str, str]:
+    """Tracked text files (path -> text), without docs, lock files and the given paths."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    texts = {}
+    for name in files.split():
+        path = ROOT / name
+        if name in exclude or path.suffix in (".md", ".lock", ".json", ".csv", ".png") or not path.is_file():
+            continue
+        texts[name] = path.read_text(errors="replace")
+    return texts
+
+
+# Each setting's one home: a literal copy anywhere else (docs aside) fails the test. Values that
+# are derived in .env (the host's API URL and registry address) may appear nowhere.
+HOMES = {
+    SETTINGS["PREFECT_VERSION"]: [".env"],
+    "prefecthq/prefect": [".env"],
+    SETTINGS["POSTGRES_IMAGE"]: [".env"],
+    SETTINGS["REGISTRY_IMAGE"]: [".env"],
+    SETTINGS["PYTHON_IMAGE"]: [".env"],
+    SETTINGS["FLOW_POOL"]: [".env"],
+    SETTINGS["SUBFLOW_POOL"]: [".env"],
+    SETTINGS["PIPELINE_DATA_URL"]: [".env"],
+    f"127.0.0.1:{SETTINGS['PREFECT_PORT']}": [],
+    f"localhost:{SETTINGS['REGISTRY_PORT']}": [],
+    f"FLOW_UID={SETTINGS['FLOW_UID']}": [".env"],
+    "FLOW_POOL_LIMIT=": [".env"],
+    "PREFECT_WORKER_QUERY_SECONDS=": [".env"],
+    "http://prefect-server:4200/api": ["docker-compose.yml"],
+    "prefect-docker==": ["worker/requirements.txt"],
+}
+
+
+@pytest.mark.parametrize("literal", list(HOMES))
+def test_every_setting_has_one_home(literal):
+    found = sorted(name for name, text in tracked("tests/test_config.py").items() if literal in text)
+    assert found == HOMES[literal], f"{literal!r} is in {found}; its home is {HOMES[literal] or 'derived in .env'}"
 
 
 def test_published_ports_bind_to_loopback():
-    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
-    ports = [p for s in services.values() for p in s.get("ports", [])]
-    assert ports and all(p.startswith("127.0.0.1:") for p in ports), ports
+    for compose in ("docker-compose.yml", "tests/compose.yml"):
+        services = yaml.safe_load((ROOT / compose).read_text())["services"]
+        ports = [p for s in services.values() for p in s.get("ports", [])]
+        assert ports and all(p.startswith("127.0.0.1:") for p in ports), (compose, ports)
 
 
-def test_every_deployment_builds_pushes_and_tags_by_content():
+def test_a_component_block_holds_only_what_is_its_own():
     config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    assert "push_docker_image" in str(config["push"])
+    own = {"name", "entrypoint", "build", "work_pool", "parameters", "schedules", "version", "enforce_parameter_schema"}
     for deployment in config["deployments"]:
-        steps = {
-            name.rsplit(".", 1)[1]: args for s in deployment["build"] for name, args in s.items()
-        }
-        image = steps["build_docker_image"]
-        assert image["tag"] == "{{ content-hash.stdout }}", deployment["name"]
-        assert (ROOT / image["path"] / image["dockerfile"]).is_file(), deployment["name"]
-        assert deployment["work_pool"]["job_variables"]["image"] == "{{ build-image.image }}"
+        assert set(deployment) <= own, deployment["name"]
+        tag, build = deployment["build"]
+        assert set(tag["tools/image_tag.py:image_tag"]) == {"id", "directory"}, deployment["name"]
+        assert build["prefect_docker.deployments.steps.build_docker_image"] == config["definitions"]["build_image"]
+        assert deployment["work_pool"] in config["definitions"]["pools"], deployment["name"]
+        assert deployment["work_pool"]["job_variables"] == {"image": "{{ build-image.image }}"}
+    assert "push_docker_image" in str(config["push"]) and "pipeline-registry" in str(config["push"])
+
+
+def tags(root: Path) -> dict[str, str]:
+    return {c: image_tag.content_hash(root / c, [SETTINGS[a] for a in image_tag.BUILD_ARGS]) for c in COMPONENTS}
+
+
+def clone(target: Path) -> Path:
+    subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(ROOT), str(target)], check=True)
+    return target
+
+
+def test_content_tags_are_the_same_in_every_fresh_clone(tmp_path, monkeypatch):
+    first = clone(tmp_path / "a")
+    monkeypatch.setattr(image_tag, "ROOT", first)
+    monkeypatch.setattr(image_tag, "RECIPE", first / "component.Dockerfile")
+    expected = tags(first)
+    second = clone(tmp_path / "b")
+    monkeypatch.setattr(image_tag, "ROOT", second)
+    monkeypatch.setattr(image_tag, "RECIPE", second / "component.Dockerfile")
+    assert tags(second) == expected
+    clean = subprocess.run(["git", "status", "--porcelain", *COMPONENTS, "component.Dockerfile", ".dockerignore"], cwd=ROOT, capture_output=True, text=True).stdout
+    if not clean:  # the working tree holds what was committed: its tags are the clone's
+        monkeypatch.setattr(image_tag, "ROOT", ROOT)
+        monkeypatch.setattr(image_tag, "RECIPE", ROOT / "component.Dockerfile")
+        assert tags(ROOT) == expected
+
+
+def test_junk_changes_no_tag_and_a_real_change_does(tmp_path, monkeypatch):
+    root = tmp_path / "repo"  # the working tree's tracked files, as they are now
+    for name in tracked():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, root / name)
+    for name in ("main_flow/requirements.lock", "validate/requirements.lock", "subflow/requirements.lock"):
+        shutil.copy(ROOT / name, root / name)
+    monkeypatch.setattr(image_tag, "ROOT", root)
+    monkeypatch.setattr(image_tag, "RECIPE", root / "component.Dockerfile")
+    before = tags(root)
+    for component in COMPONENTS:  # what editors, OSes and test runs leave behind
+        (root / component / ".DS_Store").write_bytes(b"\0\1")
+        (root / component / "__pycache__").mkdir(exist_ok=True)
+        (root / component / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"junk")
+        (root / component / ".pytest_cache").mkdir()
+        (root / component / "test_scratch.py").write_text("x = 1\n")
+    assert tags(root) == before
+    (root / "subflow" / "subflow.py").write_text((root / "subflow" / "subflow.py").read_text() + "\n# a change\n")
+    after = tags(root)
+    assert after["subflow"] != before["subflow"] and {c: after[c] for c in ("main_flow", "validate")} == {
+        c: before[c] for c in ("main_flow", "validate")
+    }
+
+
+def test_the_tag_step_names_missing_settings(monkeypatch):
+    monkeypatch.delenv("PREFECT_IMAGE", raising=False)
+    monkeypatch.setenv("REGISTRY", "localhost:1")
+    monkeypatch.setenv("FLOW_UID", "1")
+    with pytest.raises(RuntimeError, match="PREFECT_IMAGE not set: load .env first"):
+        image_tag.image_tag("subflow")
+
+
+def test_every_lock_is_fresh_and_hashed():
+    assert subprocess.run([sys.executable, str(ROOT / "tools" / "lock.py"), "--check"], capture_output=True).returncode == 0
+    for path in [*ROOT.glob("*/requirements.lock"), ROOT / "requirements-dev.lock"]:
+        pins = lock.pins(path)
+        assert pins and all(hashes for _, hashes in pins.values()), path
+        assert pins["prefect"][0] == SETTINGS["PREFECT_VERSION"], path  # every image runs .env's Prefect
+
+
+def test_a_stale_lock_is_caught(tmp_path):
+    copy = tmp_path / "repo"
+    copy.mkdir()
+    for name in (".env", "pyproject.toml", "requirements-dev.lock", "tools", *COMPONENTS, "worker"):
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, copy / name)
+        else:
+            shutil.copy(ROOT / name, copy / name)
+    with (copy / "subflow" / "requirements.txt").open("a") as file:
+        file.write("polars>=1\n")
+    check = subprocess.run([sys.executable, str(copy / "tools" / "lock.py"), "--check"], capture_output=True, text=True)
+    assert check.returncode != 0
+    assert "subflow/requirements.lock: polars>=1 is not in the lock" in check.stderr
+    assert "run `make lock`" in check.stderr
+
+
+def test_the_host_cli_installs_on_every_python_prefect_supports():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == ">=3.11,<3.16"

@@ -114,7 +114,7 @@ def test_ten_concurrent_runs_never_mix_their_outputs(stack, serve):
         ("/etc/passwd", "source '/etc/passwd' is outside the data directory"),
         ("../main_flow.py", "is outside the data directory"),
         ("file:///etc/passwd", "only http and https URLs are allowed"),
-        ("http://prefect-server:4200/api/health", "host 'prefect-server' has the non-public address"),
+        ("http://prefect-server:4200/docs", "host 'prefect-server' has the non-public address"),
         ("http://testdata:8000/missing.csv", "cannot fetch source 'http://testdata:8000/missing.csv': HTTP 404"),
         ("http://testdata:9/iris.csv", "cannot fetch source 'http://testdata:9/iris.csv'"),
     ],

@@ -11,7 +11,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 pytestmark = pytest.mark.e2e
 
 ROWS = 100_000
-S3_STORE = {"AWS_ENDPOINT_URL": "http://s3:5000", **S3_KEYS}
+S3_STORE = {"AWS_ENDPOINT_URL": "http://s3:9000", **S3_KEYS}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def file_mode(stack, dataset):
 def test_100k_rows_by_reference_in_file_mode(stack, dataset, file_mode):
     _, expected = dataset
     run, output = file_mode
-    assert output["input"]["uri"] == f"file:///data/runs/{run.id}/input.parquet"
+    assert output["input"]["uri"] == f"{SETTINGS['PIPELINE_DATA_URL']}/runs/{run.id}/input.parquet"
     assert output["input"]["rows"] == ROWS
     subflow = output["results"]["subflow/subflow"]
     assert subflow["rows"] == ROWS and sum(g["count"] for g in subflow["summary"]) == ROWS
@@ -77,7 +77,7 @@ def test_s3_mode_gives_the_same_output_as_file_mode(stack, dataset, file_mode, s
         "input.parquet", "output.json", "subflow/summary.parquet"
     ]  # fmt: skip
     assert stack.s3().find("pipeline/data/results")  # Prefect's results went to the same store
-    assert not stack.exists(f"file:///data/runs/{run.id}")
+    assert not stack.exists(f"{SETTINGS['PIPELINE_DATA_URL']}/runs/{run.id}")
 
 
 def test_an_unreachable_s3_endpoint_fails_after_bounded_retries(stack, s3_mode):

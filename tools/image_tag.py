@@ -4,7 +4,8 @@
       - tools/image_tag.py:image_tag: {id: component, directory: subflow}
 
 The tag is a hash of what the image is made of: the component's files that the build context
-really holds (docker-py's own reading of .dockerignore), the shared recipe and the base-image pin.
+really holds (docker-py's own reading of .dockerignore), the shared recipe and its build args
+(the base-image pin and the flows' user).
 Same content, same tag, nothing to rebuild; any change, a new tag, so no worker ever runs a stale
 image. Pure Python, so it gives the same tag on Linux, macOS and Windows.
 """
@@ -19,7 +20,7 @@ from docker.utils.build import exclude_paths
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "component.Dockerfile"
-REQUIRED = ("PREFECT_IMAGE", "REGISTRY")
+BUILD_ARGS = ("PREFECT_IMAGE", "FLOW_UID")  # what prefect.yaml passes the recipe from .env
 
 
 class ImageTag(TypedDict):
@@ -30,24 +31,24 @@ class ImageTag(TypedDict):
 
 def image_tag(directory: str) -> ImageTag:
     """The image name and content tag of the component in `directory` (of the project)."""
-    missing = [name for name in REQUIRED if not os.environ.get(name)]
+    missing = [name for name in ("REGISTRY", *BUILD_ARGS) if not os.environ.get(name)]
     if missing:
         raise RuntimeError(f"{', '.join(missing)} not set: load .env first (see README, host CLI)")
     return ImageTag(
         directory=directory,
         image_name=f"{os.environ['REGISTRY']}/{directory}",
-        tag=content_hash(ROOT / directory, os.environ["PREFECT_IMAGE"]),
+        tag=content_hash(ROOT / directory, [os.environ[name] for name in BUILD_ARGS]),
     )
 
 
-def content_hash(directory: Path, base_image: str) -> str:
-    """12 hex digits of sha256 over the component's context files, the recipe and the base image."""
+def content_hash(directory: Path, build_args: list[str]) -> str:
+    """12 hex digits of sha256 over the component's context files, the recipe and its build args."""
     if not (directory / "requirements.lock").is_file():
         raise FileNotFoundError(f"{directory} is not a component: it has no requirements.lock")
     patterns = (ROOT / ".dockerignore").read_text().splitlines()
     prefix = f"{directory.relative_to(ROOT).as_posix()}/"
     files = sorted(f for f in exclude_paths(str(ROOT), patterns) if Path(f).as_posix().startswith(prefix))
-    digest = hashlib.sha256(base_image.encode() + b"\0" + RECIPE.read_bytes())
+    digest = hashlib.sha256("\0".join(build_args).encode() + b"\0" + RECIPE.read_bytes())
     for name in files:
         path = ROOT / name
         if path.is_file():

@@ -1,6 +1,6 @@
 """Apply the work pools and the blocks the flows use; the compose `setup` service runs it on `up`.
 
-    python tools/setup.py pools/docker.json flow-pool:10 subflow-pool:10 --blocks
+    python tools/setup.py pools/docker.json "$FLOW_POOL:$FLOW_POOL_LIMIT" ... --blocks
 
 Each pool gets the base job template, with ${VAR} filled in from the environment (entries
 that come out empty are dropped, e.g. the stack network on a remote host), and its concurrency

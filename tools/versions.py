@@ -28,7 +28,7 @@ MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 
 
 def image_name(component: str) -> str:
-    """The image that prefect.yaml builds for a deployment, e.g. localhost:5000/subflow."""
+    """The image that prefect.yaml builds for a deployment: $REGISTRY/<its directory>."""
     config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     for deployment in config["deployments"]:
         if deployment["name"] == component:

@@ -1,0 +1,158 @@
+"""Safe by default, on real Docker: least-privilege flow containers, a pool template that runs
+cannot widen, an authenticated API, UI and registry, and no secret where it should not be."""
+
+import base64
+import json
+import shutil
+import subprocess
+
+import httpx
+import pytest
+from harness import CI, PREFECT, ROOT, SETTINGS, wait_for
+from prefect.client.schemas.actions import BlockDocumentUpdate
+
+pytestmark = pytest.mark.e2e
+
+
+def inspect(stack, run_id) -> dict:
+    """`docker inspect` of a flow run's container, caught while it runs."""
+    (container,) = wait_for("the run's container", lambda: stack.containers(run_id, running=True), 120)
+    return json.loads(stack.sh("docker", "inspect", container).stdout)[0]
+
+
+@pytest.fixture(scope="module")
+def stored_input(stack) -> dict:
+    run = stack.run("main-flow/main")
+    assert run.state.is_completed(), run.state
+    return stack.output(run)["input"]
+
+
+def test_flow_containers_run_with_least_privilege(stack, stored_input):
+    run = stack.start("subflow/subflow", data=stored_input, out=f"{stack.data_url()}/runs/priv/subflow")
+    info = inspect(stack, run.id)
+    host = info["HostConfig"]
+    assert info["Config"]["User"] == f"{SETTINGS['FLOW_UID']}:{SETTINGS['FLOW_UID']}"
+    assert host["CapDrop"] == ["ALL"] and not host["CapAdd"]
+    assert host["SecurityOpt"] == ["no-new-privileges:true"]
+    assert host["ReadonlyRootfs"] is True and "/tmp" in host["Tmpfs"]
+    assert host["Memory"] == host["MemorySwap"] == 1 << 30  # 1g, and no swap beyond it
+    assert host["NanoCpus"] == 10**9 and host["PidsLimit"] == 512
+    assert host["Privileged"] is False
+    assert host["Binds"] == [f"{stack.project}_data:/data"]  # the data volume, nothing of the host
+    assert stack.wait_final(run.id).state.is_completed()
+
+
+def test_a_run_cannot_widen_the_pool_template(stack, stored_input):
+    """Only what the template exposes as variables is overridable: the rest is ignored."""
+    unsafe = {
+        "privileged": True,
+        "volumes": ["/:/host"],
+        "command": "sleep 600",
+        "network_mode": "host",
+        "container_create_kwargs": {"cap_add": ["SYS_ADMIN"], "user": "root"},
+    }
+    run = stack.start("subflow/subflow", job_variables=unsafe, data=stored_input, out=f"{stack.data_url()}/runs/x/s")
+    info = inspect(stack, run.id)
+    host = info["HostConfig"]
+    assert host["Privileged"] is False and not host["CapAdd"] and info["Config"]["User"] == f"{SETTINGS['FLOW_UID']}:{SETTINGS['FLOW_UID']}"
+    assert host["Binds"] == [f"{stack.project}_data:/data"] and host["NetworkMode"] == f"{stack.project}_default"
+    assert info["Config"]["Cmd"] == ["python", "-m", "prefect.engine"]
+    assert stack.wait_final(run.id).state.is_completed()
+
+
+def test_the_api_refuses_requests_without_the_auth_string(stack):
+    assert httpx.get(f"{stack.api_url}/health").status_code == 200  # probes need no credentials
+    assert httpx.get(f"{stack.api_url}/admin/version").status_code == 401
+    wrong = base64.b64encode(b"admin:wrong").decode()
+    assert httpx.get(f"{stack.api_url}/admin/version", headers={"Authorization": f"Basic {wrong}"}).status_code == 401
+    cli = stack.sh(PREFECT, "deployment", "ls", check=False, PREFECT_API_AUTH_STRING="admin:wrong")
+    assert cli.returncode != 0 and "401" in cli.stdout + cli.stderr
+
+
+def test_csrf_and_cors_protect_the_browser_path(stack):
+    auth = {"Authorization": "Basic " + base64.b64encode(stack.secret("api-auth-string").encode()).decode()}
+    changed = httpx.post(f"{stack.api_url}/variables/", headers=auth, json={"name": "csrf-probe", "value": 1})
+    assert changed.status_code == 403 and "CSRF" in changed.text  # no token, no change
+    origin = f"http://localhost:{stack.prefect_port}"
+    for allowed, sent in ((True, origin), (False, "http://evil.example")):
+        preflight = httpx.options(
+            f"{stack.api_url}/flows/filter",
+            headers={"Origin": sent, "Access-Control-Request-Method": "POST"},
+        )
+        assert (preflight.headers.get("access-control-allow-origin") == sent) is allowed, preflight.headers
+
+
+def test_the_registry_refuses_anonymous_pulls_and_pushes(stack, tmp_path):
+    assert httpx.get(f"http://127.0.0.1:{stack.registry_port}/v2/_catalog").status_code == 401
+    image = stack.deployment("subflow/subflow").job_variables["image"]
+    # An empty client configuration: no stored login, whatever the host has.
+    push = stack.sh("docker", "--config", str(tmp_path), "push", image, check=False)
+    assert push.returncode != 0 and "no basic auth credentials" in push.stdout + push.stderr
+
+
+def test_a_registry_that_refuses_credentials_crashes_the_run_with_the_cause(stack):
+    image = stack.deployment("subflow/subflow").job_variables["image"]
+    with stack.api() as client:
+        block = client.read_block_document_by_name("pipeline-registry", "docker-registry-credentials")
+        data = {**block.data, "password": "wrong"}
+        client.update_block_document(block.id, BlockDocumentUpdate(data=data))
+    stack.sh("docker", "image", "rm", image)  # the worker has to pull it
+    try:
+        run = stack.run("main-flow/main", steps=["subflow/subflow"])
+    finally:
+        with stack.api() as client:
+            client.update_block_document(block.id, BlockDocumentUpdate(data={**data, "password": stack.secret("registry-password")}))
+    child = stack.child(run.id, "subflow")
+    assert child.state.is_crashed() and "401" in child.state.message, child.state
+    assert run.state.is_failed() and "ended Crashed" in run.state.message
+    assert stack.run("main-flow/main").state.is_completed()  # with the right password, it pulls again
+
+
+def test_no_secret_in_images_templates_or_deployments(stack):
+    secrets = [stack.secret(name) for name in ("api-auth-string", "postgres-password", "registry-password")]
+    with stack.api() as client:
+        pools = [client.read_work_pool(stack.env()[p]).base_job_template for p in ("FLOW_POOL", "SUBFLOW_POOL")]
+        deployments = [d.model_dump(mode="json") for d in client.read_deployments()]
+    images = [d["job_variables"]["image"] for d in deployments] + [f"{stack.project}/worker:{stack.env()['PREFECT_VERSION']}"]
+    inspected = stack.sh("docker", "image", "inspect", *set(images)).stdout
+    for secret in secrets:
+        assert secret not in json.dumps(pools) + json.dumps(deployments) + inspected
+    tracked = subprocess.run(["git", "grep", "-l", "-F", "-e", secrets[0], "-e", secrets[1]], cwd=ROOT, capture_output=True)
+    assert tracked.returncode == 1, tracked.stdout  # in no tracked file
+
+
+def test_the_ui_works_in_a_real_browser_after_login(stack, tmp_path):
+    if not shutil.which("chromium") or not shutil.which("chromedriver"):
+        if CI:
+            pytest.fail("CI=true but Chromium is missing: .ci/run installs chromium and chromium-driver")
+        pytest.skip("Debian's chromium and chromium-driver are not installed")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as seen
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    assert stack.run("main-flow/main").state.is_completed()
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--window-size=1400,1000",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"):  # fmt: skip
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    try:
+        wait = WebDriverWait(browser, 60)
+        browser.get(f"http://localhost:{stack.prefect_port}/")
+        password = wait.until(seen.presence_of_element_located((By.CSS_SELECTOR, "input[type=password]")))
+        assert "login" in browser.current_url
+        password.send_keys(stack.secret("api-auth-string"), Keys.ENTER)
+        wait.until(seen.text_to_be_present_in_element((By.TAG_NAME, "body"), stack.env()["SUBFLOW_POOL"]))
+        assert "dashboard" in browser.current_url
+        browser.get(f"http://localhost:{stack.prefect_port}/runs")
+        wait.until(seen.text_to_be_present_in_element((By.TAG_NAME, "body"), "main-flow"))
+        assert "validate" in browser.find_element(By.TAG_NAME, "body").text
+    except Exception:
+        browser.save_screenshot(str(tmp_path / "ui.png"))
+        console = "\n".join(entry["message"] for entry in browser.get_log("browser"))
+        raise AssertionError(f"{browser.current_url}\n{browser.find_element(By.TAG_NAME, 'body').text[:2000]}\n{console}")
+    finally:
+        browser.quit()
