@@ -47,7 +47,11 @@ from harness import (  # noqa: E402
 from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolUpdate  # noqa: E402
 
 DESIGNS = {"docker": "main-flow/main", "process": "main-flow/main-process"}
-POOLS = {"BASELINE_FLOW_POOL": "flow-process", "BASELINE_VALIDATE_POOL": "validate-process", "BASELINE_SUBFLOW_POOL": "subflow-process"}
+POOLS = {
+    "BASELINE_FLOW_POOL": "flow-process",
+    "BASELINE_VALIDATE_POOL": "validate-process",
+    "BASELINE_SUBFLOW_POOL": "subflow-process",
+}
 # Each component: its deployment and its flow module (what a flow-run container imports).
 COMPONENTS = {
     "main_flow": ("main-flow/main", "main_flow.main_flow"),
@@ -90,7 +94,10 @@ def setup() -> None:
         process_validate = client.read_deployment_by_name("validate/validate-process")
         client.update_deployment(process_validate.id, DeploymentUpdate(parameters=docker_validate.parameters))
         limits = {SETTINGS["FLOW_POOL_LIMIT"]: [POOLS["BASELINE_FLOW_POOL"]]}
-        limits[SETTINGS["SUBFLOW_POOL_LIMIT"]] = [POOLS["BASELINE_VALIDATE_POOL"], POOLS["BASELINE_SUBFLOW_POOL"]]
+        limits[SETTINGS["SUBFLOW_POOL_LIMIT"]] = [
+            POOLS["BASELINE_VALIDATE_POOL"],
+            POOLS["BASELINE_SUBFLOW_POOL"],
+        ]
         for limit, pools in limits.items():
             for pool in pools:
                 client.update_work_pool(pool, WorkPoolUpdate(concurrency_limit=int(limit)))
@@ -119,8 +126,15 @@ def floor(runs: int) -> dict[str, Any]:
         image = BENCH.deployment(deployment).job_variables["image"]
         load = f"import sys; sys.path.insert(0, '/opt/prefect/pipeline'); import prefect.engine, {module}"
         result[component] = {
-            "start": spread([timed("docker", "run", "--rm", "--entrypoint", "true", image) for _ in range(runs)]),
-            "start+imports": spread([timed("docker", "run", "--rm", "--entrypoint", "python", image, "-c", load) for _ in range(runs)]),
+            "start": spread(
+                [timed("docker", "run", "--rm", "--entrypoint", "true", image) for _ in range(runs)]
+            ),
+            "start+imports": spread(
+                [
+                    timed("docker", "run", "--rm", "--entrypoint", "python", image, "-c", load)
+                    for _ in range(runs)
+                ]
+            ),
         }
     result["pipeline"] = sum(v["start+imports"]["median"] for v in result.values())
     return result
@@ -164,12 +178,14 @@ def correct(run: Any, summary: list[dict[str, Any]] | None = None) -> bool:
     (result,) = [r for name, r in BENCH.output(run)["results"].items() if name.startswith("subflow/")]
     if summary is None:
         return [g["count"] for g in result["summary"]] == [50, 50, 50]
-    return [(g["species"], g["count"]) for g in result["summary"]] == [(g["species"], g["count"]) for g in summary]
+    return [(g["species"], g["count"]) for g in result["summary"]] == [
+        (g["species"], g["count"]) for g in summary
+    ]
 
 
 def latency(runs: int) -> dict[str, Any]:
     samples: dict[str, list[dict[str, float]]] = {design: [] for design in DESIGNS}
-    for design, deployment in DESIGNS.items():  # warm-up: first image pulls, caches
+    for deployment in DESIGNS.values():  # warm-up: first image pulls, caches
         BENCH.run(deployment)
     for _ in range(runs):
         for design, deployment in DESIGNS.items():
@@ -187,7 +203,8 @@ def container_cpu() -> dict[str, float]:
     client = docker.from_env()
     label = f"com.docker.compose.project={BENCH.project}"
     return {
-        c.labels["com.docker.compose.service"]: c.stats(stream=False)["cpu_stats"]["cpu_usage"]["total_usage"] / 1e9
+        c.labels["com.docker.compose.service"]: c.stats(stream=False)["cpu_stats"]["cpu_usage"]["total_usage"]
+        / 1e9
         for c in client.containers.list(filters={"label": label})
     }
 
@@ -197,7 +214,12 @@ def daemon_cpu() -> float:
     total = 0.0
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if (proc / "comm").read_text().strip() in ("dockerd", "containerd", "containerd-shim", "containerd-shim-runc-v2"):
+            if (proc / "comm").read_text().strip() in (
+                "dockerd",
+                "containerd",
+                "containerd-shim",
+                "containerd-shim-runc-v2",
+            ):
                 fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
                 total += (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks
         except (FileNotFoundError, ProcessLookupError, IndexError):
@@ -243,13 +265,25 @@ def sizes(rows: list[int], runs: int) -> dict[str, Any]:
             for _ in range(runs):
                 run = BENCH.run(DESIGNS["docker"], source=url, timeout=3600)
                 output = BENCH.output(run) if run.state.is_completed() else None
-                samples.append({
-                    "seconds": hops(run)["trigger to completed"] if output else None,
-                    "correct": bool(output) and (expected is None or correct(run, expected)) and output["input"]["rows"] == n,
-                    "state": run.state.name,
-                    "peak_mb": {"main_flow": output["peak_rss_bytes"] / 2**20, **{k.split("/")[0]: r["peak_rss_bytes"] / 2**20 for k, r in output["results"].items()}} if output else {},
-                    "input_mb": output["input"]["bytes"] / 2**20 if output else None,
-                })
+                samples.append(
+                    {
+                        "seconds": hops(run)["trigger to completed"] if output else None,
+                        "correct": bool(output)
+                        and (expected is None or correct(run, expected))
+                        and output["input"]["rows"] == n,
+                        "state": run.state.name,
+                        "peak_mb": {
+                            "main_flow": output["peak_rss_bytes"] / 2**20,
+                            **{
+                                k.split("/")[0]: r["peak_rss_bytes"] / 2**20
+                                for k, r in output["results"].items()
+                            },
+                        }
+                        if output
+                        else {},
+                        "input_mb": output["input"]["bytes"] / 2**20 if output else None,
+                    }
+                )
             result.setdefault(store, {})[n] = samples
     for name in S3_STORE:
         BENCH.overrides.pop(name)
@@ -259,7 +293,10 @@ def sizes(rows: list[int], runs: int) -> dict[str, Any]:
 
 def server_503s(since: datetime) -> int:
     logs = BENCH.compose("logs", "--no-log-prefix", "--since", since.isoformat(), "prefect-server").stdout
-    return sum(("503" in line and "Service Unavailable" in line) or "database is locked" in line for line in logs.splitlines())
+    return sum(
+        ("503" in line and "Service Unavailable" in line) or "database is locked" in line
+        for line in logs.splitlines()
+    )
 
 
 def throughput(counts: list[int]) -> dict[str, Any]:
@@ -300,7 +337,10 @@ def report(results: dict[str, Any]) -> str:
     lines = []
     if "floor" in results:
         fl = results["floor"]
-        lines += ["| image | docker run true (s) | run + import engine and component (s) |", "| --- | --- | --- |"]
+        lines += [
+            "| image | docker run true (s) | run + import engine and component (s) |",
+            "| --- | --- | --- |",
+        ]
         lines += [f"| {c} | {fmt(fl[c]['start'])} | {fmt(fl[c]['start+imports'])} |" for c in COMPONENTS]
         lines += [f"| **pipeline floor** (three serial hops) | | **{fl['pipeline']:.2f}** |", ""]
     if "latency" in results:
@@ -321,20 +361,30 @@ def report(results: dict[str, Any]) -> str:
             lines.append(f"| {key} | {c['docker'].get(key, 0):.2f} | {c['process'].get(key, 0):.2f} |")
         lines.append("")
     if "throughput" in results:
-        lines += ["| runs at once | docker: wall (s), correct, 503s | process: wall, correct, 503s | docker/process |", "| --- | --- | --- | --- |"]
+        lines += ["| runs at once | docker: wall (s), correct, 503s | process: the same | docker/process |"]
+        lines.append("| --- | --- | --- | --- |")
         for n, by in results["throughput"].items():
             d, p = by["docker"], by["process"]
-            lines.append(f"| {n} | {d['wall']:.1f}, {d['correct']}/{n}, {d['503s']} | {p['wall']:.1f}, {p['correct']}/{n}, {p['503s']} | {d['wall'] / p['wall']:.2f} |")
+            cells = [f"{x['wall']:.1f}, {x['correct']}/{n}, {x['503s']}" for x in (d, p)]
+            lines.append(f"| {n} | {cells[0]} | {cells[1]} | {d['wall'] / p['wall']:.2f} |")
         lines.append("")
     if "sizes" in results:
-        lines += ["| rows | store | input (MB) | trigger to completed (s) | peak MB: main, validate, subflow | correct |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "| rows | store | input (MB) | trigger to completed (s) | peak MB: main, validate, subflow | ok |"
+        ]
+        lines.append("| --- | --- | --- | --- | --- | --- |")
         for store, by_rows in results["sizes"].items():
             for n, samples in by_rows.items():
                 done = [s for s in samples if s["seconds"] is not None]
                 seconds = fmt(spread([s["seconds"] for s in done]), 1) if done else "failed"
-                peak = ", ".join(f"{max(s['peak_mb'][c] for s in done):.0f}" for c in COMPONENTS) if done else "-"
+                peak = (
+                    ", ".join(f"{max(s['peak_mb'][c] for s in done):.0f}" for c in COMPONENTS)
+                    if done
+                    else "-"
+                )
                 mb = f"{done[0]['input_mb']:.1f}" if done else "-"
-                lines.append(f"| {int(n):,} | {store} | {mb} | {seconds} | {peak} | {sum(s['correct'] for s in samples)}/{len(samples)} |")
+                ok = f"{sum(s['correct'] for s in samples)}/{len(samples)}"
+                lines.append(f"| {int(n):,} | {store} | {mb} | {seconds} | {peak} | {ok} |")
         lines.append("")
     if results.get("redeploy"):
         lines.append(f"redeploy subflow after a one-line change: {fmt(results['redeploy'], 1)} s")
@@ -353,10 +403,22 @@ def chart(sizes_: dict[str, Any], path: Path) -> None:
         done = {int(n): [x for x in samples if x["seconds"]] for n, samples in by_rows.items()}
         rows = [n for n, d in done.items() if d]
         done = [done[n] for n in rows]
-        left.plot(rows, [statistics.median(x["seconds"] for x in d) for d in done], marker="o", label=f"{store} store")
+        left.plot(
+            rows,
+            [statistics.median(x["seconds"] for x in d) for d in done],
+            marker="o",
+            label=f"{store} store",
+        )
         for component in COMPONENTS:
-            right.plot(rows, [max(x["peak_mb"][component] for x in d) for d in done], marker="o", label=f"{component} ({store})")
-    left.set(xscale="log", yscale="log", xlabel="rows", ylabel="trigger to completed (s)", title="Pipeline time")
+            right.plot(
+                rows,
+                [max(x["peak_mb"][component] for x in d) for d in done],
+                marker="o",
+                label=f"{component} ({store})",
+            )
+    left.set(
+        xscale="log", yscale="log", xlabel="rows", ylabel="trigger to completed (s)", title="Pipeline time"
+    )
     right.set(xscale="log", xlabel="rows", ylabel="peak RSS (MB)", title="Peak memory per flow container")
     right.axhline(1024, color="grey", linestyle="--", linewidth=1, label="1 GB")
     for axis in (left, right):
@@ -382,7 +444,10 @@ def main() -> None:
         args.runs, args.rows, args.size_runs, args.concurrency, args.redeploys = 1, [1_000], 1, [2], 1
 
     setup()
-    results: dict[str, Any] = {"when": datetime.now(UTC).isoformat(), "args": {k: str(v) for k, v in vars(args).items()}}
+    results: dict[str, Any] = {
+        "when": datetime.now(UTC).isoformat(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
     try:
         stages = [
             ("floor", lambda: floor(max(args.runs, 3))),

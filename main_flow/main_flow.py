@@ -208,7 +208,9 @@ def open_source(source: str, settings: Settings, max_bytes: int, deadline: float
         return
     path = source_path(source, settings)
     with path.open("rb") as file:
-        yield io.BufferedReader(Capped(iter(lambda: file.read(CHUNK), b""), source, max_bytes, deadline), CHUNK)
+        yield io.BufferedReader(
+            Capped(iter(lambda: file.read(CHUNK), b""), source, max_bytes, deadline), CHUNK
+        )
 
 
 def source_path(source: str, settings: Settings) -> Path:
@@ -409,14 +411,16 @@ def wait_for_runs(runs: dict[str, FlowRun], timeout_s: float, poll_s: float) -> 
             if time.monotonic() > deadline:
                 for run in waiting:
                     cancel(client, run, f"main flow stopped waiting after {timeout_s}s")
-                raise PipelineError(
-                    "; ".join(
-                        f"step run {r.name!r} did not finish within {timeout_s}s (state {r.state.name if r.state else 'unknown'}); "
-                        f"it was cancelled. Check that a worker is polling work pool {r.work_pool_name!r}."
-                        for r in waiting
-                    )
-                )
+                raise PipelineError("; ".join(not_finished(run, timeout_s) for run in waiting))
             time.sleep(poll_s)
+
+
+def not_finished(run: FlowRun, timeout_s: float) -> str:
+    state = run.state.name if run.state else "unknown"
+    return (
+        f"step run {run.name!r} did not finish within {timeout_s}s (state {state}); it was cancelled. "
+        f"Check that a worker is polling work pool {run.work_pool_name!r}."
+    )
 
 
 def final(run: FlowRun) -> bool:

@@ -2,8 +2,8 @@
 server on loopback and a real S3 endpoint (moto's server), no Docker."""
 
 import hashlib
-import re
 import http.server
+import re
 import socket
 import subprocess
 import sys
@@ -14,9 +14,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from conftest import IRIS
 
+from conftest import IRIS
 from main_flow import main_flow as component
+
 
 def settings(**values) -> component.Settings:
     """The main flow's settings for a test: the shipped data directory unless told otherwise."""
@@ -115,7 +116,10 @@ def test_ingest_handles_a_utf8_byte_order_mark(data_dir, tmp_path):
         (b"a,b\n1,2\n3\n", "a row has a different number of fields than the header"),
         (b"a,,c\n1,2,3\n", "blank or repeated column names ['a', '', 'c']"),
         (b"a,a\n1,2\n", "blank or repeated column names ['a', 'a']"),
-        (b"a,b\n" + b"1,2\n" * 1_200_000 + b"x,2\n", "a column changes type after the first rows (In CSV column #0"),
+        (
+            b"a,b\n" + b"1,2\n" * 1_200_000 + b"x,2\n",
+            "a column changes type after the first rows (In CSV column #0",
+        ),
     ],
 )
 def test_ingest_rejects_malformed_data_and_leaves_nothing(data_dir, tmp_path, text, message):
@@ -194,7 +198,9 @@ def test_unreachable_sources_are_transient(tmp_path):
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
     closed.close()
-    with pytest.raises(component.SourceUnavailable, match=f"cannot fetch source 'http://127.0.0.1:{port}/x.csv'"):
+    with pytest.raises(
+        component.SourceUnavailable, match=f"cannot fetch source 'http://127.0.0.1:{port}/x.csv'"
+    ):
         ingest(f"http://127.0.0.1:{port}/x.csv", tmp_path, LOOPBACK)
 
 
@@ -225,7 +231,9 @@ def s3_endpoint():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, "-m", "moto.server", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     fs = s3fs.S3FileSystem(key="test", secret="test", client_kwargs={"endpoint_url": url})
@@ -244,7 +252,11 @@ def s3_endpoint():
 
 @pytest.fixture
 def s3_env(s3_endpoint, monkeypatch):
-    for name, value in {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}.items():
+    for name, value in {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+    }.items():
         monkeypatch.setenv(name, value)
     s3fs.S3FileSystem.clear_instance_cache()
     return s3fs.S3FileSystem()

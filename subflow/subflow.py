@@ -1,8 +1,8 @@
 """Subflow: summarise a stored dataset per group, store the full summary, publish it as a Variable."""
 
 import hashlib
-import os
 import json
+import os
 import resource
 import uuid
 from collections.abc import Iterator

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-from conftest import IRIS, IRIS_SETOSA
 from prefect import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
+from conftest import IRIS, IRIS_SETOSA
 from subflow import subflow as component
 
 
@@ -44,7 +44,11 @@ def test_summarise_real_iris_data(iris):
     [
         ({"a": [1.0]}, "species", "group column 'species' not in the data"),
         ({"species": ["x"]}, "species", "no measurement columns"),
-        ({"species": ["x", "y"], "width": ["1.5", "wide"]}, "species", "column 'width' must be numeric: row 1 has 'wide'"),
+        (
+            {"species": ["x", "y"], "width": ["1.5", "wide"]},
+            "species",
+            "column 'width' must be numeric: row 1 has 'wide'",
+        ),
     ],
 )
 def test_summarise_rejects_bad_data_with_a_clear_message(tmp_path, table, group_by, message):
@@ -60,7 +64,9 @@ def test_numbers_stored_as_text_are_accepted(tmp_path):
 
 def test_flow_stores_the_summary_and_publishes_a_bounded_variable(prefect_api, tmp_path):
     groups = 400  # far more than a Variable holds
-    table = pa.table({"g": [f"group-{i:04d}" for i in range(groups)] * 2, "v": [1.0] * groups + [3.0] * groups})
+    table = pa.table(
+        {"g": [f"group-{i:04d}" for i in range(groups)] * 2, "v": [1.0] * groups + [3.0] * groups}
+    )
     ref = store(table, tmp_path / "runs" / "r2" / "input.parquet")
     state = component.subflow(ref, f"file://{tmp_path}/runs/r2/subflow", group_by="g", return_state=True)
     assert state.is_completed(), state
@@ -73,7 +79,9 @@ def test_flow_stores_the_summary_and_publishes_a_bounded_variable(prefect_api, t
     assert "... and 380 more groups in the output" in result["report"]
     with get_client(sync_client=True) as client:
         variable = client.read_variable_by_name(result["variable"]).value
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["subflow-report"])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["subflow-report"]))
+        )
     assert variable["output"] == result["output"]["uri"] and variable["truncated"] is True
     assert 0 < len(variable["summary"]) <= component.SHOWN_GROUPS
     assert len(json.dumps(variable)) <= component.VARIABLE_LIMIT

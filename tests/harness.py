@@ -48,7 +48,12 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 60, every: fl
 
 
 SPECIES = ["setosa", "versicolor", "virginica"]
-MEASURES = {"sepal_length": (4.3, 7.9), "sepal_width": (2.0, 4.4), "petal_length": (1.0, 6.9), "petal_width": (0.1, 2.5)}
+MEASURES = {
+    "sepal_length": (4.3, 7.9),
+    "sepal_width": (2.0, 4.4),
+    "petal_length": (1.0, 6.9),
+    "petal_width": (0.1, 2.5),
+}
 
 
 def iris_like(rows: int, seed: int = 0) -> pa.Table:
@@ -60,7 +65,10 @@ def iris_like(rows: int, seed: int = 0) -> pa.Table:
 
 
 def write_csv(table: pa.Table, path: Path) -> Path:
-    pacsv.write_csv(table.cast(pa.schema([f.with_type(pa.string()) if f.name == "species" else f for f in table.schema])), path)
+    pacsv.write_csv(
+        table.cast(pa.schema([f.with_type(pa.string()) if f.name == "species" else f for f in table.schema])),
+        path,
+    )
     path.chmod(0o644)
     return path
 
@@ -71,13 +79,22 @@ def expected_summary(table: pa.Table) -> list[dict[str, Any]]:
     counts = np.bincount(group, minlength=len(SPECIES))
     summary = []
     for i, name in enumerate(SPECIES):
-        means = {f"mean_{m}": round(float(np.bincount(group, weights=table[m].to_numpy(), minlength=len(SPECIES))[i] / counts[i]), 3) for m in MEASURES}
+        means = {
+            f"mean_{m}": round(
+                float(np.bincount(group, weights=table[m].to_numpy(), minlength=len(SPECIES))[i] / counts[i]),
+                3,
+            )
+            for m in MEASURES
+        }
         summary.append({"species": name, "count": int(counts[i]), **means})
     return summary
 
 
 def docker_available() -> bool:
-    return bool(shutil.which("docker")) and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+    return (
+        bool(shutil.which("docker"))
+        and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+    )
 
 
 @dataclass
@@ -174,7 +191,9 @@ class Stack:
         with self.api() as client:
             return client.read_deployment_by_name(name)
 
-    def start(self, deployment: str, job_variables: dict[str, Any] | None = None, **parameters: Any) -> FlowRun:
+    def start(
+        self, deployment: str, job_variables: dict[str, Any] | None = None, **parameters: Any
+    ) -> FlowRun:
         """Create a run of a deployment, as a scheduler, the UI or the CLI would."""
         with self.api() as client:
             found = client.read_deployment_by_name(deployment)
@@ -233,7 +252,9 @@ class Stack:
         path = uri.removeprefix("file://")
         image = f"{self.project}/worker:{SETTINGS['PREFECT_VERSION']}"
         volume = f"{self.project}_data:/data:ro"
-        return self.sh("docker", "run", "--rm", "-v", volume, "--entrypoint", "cat", image, path).stdout.encode()
+        return self.sh(
+            "docker", "run", "--rm", "-v", volume, "--entrypoint", "cat", image, path
+        ).stdout.encode()
 
     def exists(self, uri: str) -> bool:
         if uri.startswith("s3://"):
@@ -266,9 +287,13 @@ class Stack:
     def snapshot(self) -> dict[str, Any]:
         """What the user would miss if a test touched it: deployments, runs, volumes, images, data."""
         with self.api() as client:
-            deployments = {d.name: (str(d.id), str(d.updated), d.job_variables) for d in client.read_deployments()}
+            deployments = {
+                d.name: (str(d.id), str(d.updated), d.job_variables) for d in client.read_deployments()
+            }
             runs = {str(r.id): r.state_type.value for r in client.read_flow_runs() if not r.auto_scheduled}
-        volumes = self.sh("docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={self.project}")
+        volumes = self.sh(
+            "docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={self.project}"
+        )
         images = {d: self.registry_tags(d) for d in ("main_flow", "validate", "subflow")}
         image = f"{self.project}/worker:{SETTINGS['PREFECT_VERSION']}"
         args = ("docker", "run", "--rm", "-v", f"{self.project}_data:/data:ro", "--entrypoint", "find")

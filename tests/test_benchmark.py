@@ -1,30 +1,28 @@
-"""A smoke run of the benchmark (one run per figure): it runs, and every run in it is correct."""
+"""A smoke run of the benchmark (one run of each figure, small): it runs on a stack of its own, and
+every run in it is correct. It asks for `stack` so the user's stack is checked around it too."""
 
 import json
 import sys
 
 import pytest
-from e2e import ROOT, sh
+from harness import ROOT
 
 pytestmark = pytest.mark.e2e
 
-BASELINE = ["docker", "compose", "-f", "docker-compose.yml", "-f", "bench/compose.baseline.yml"]
-
 
 def test_benchmark_smoke(stack, tmp_path):
-    out = tmp_path / "results.json"
-    try:
-        proc = sh(
-            sys.executable, str(ROOT / "bench" / "benchmark.py"),
-            "--runs", "1", "--concurrency", "1", "--redeploys", "1", "--out", str(out),
-            timeout=1800,
-        )  # fmt: skip
-    finally:  # the baseline's workers would keep the network busy for later `down`s
-        sh(*BASELINE, "rm", "-sf", "process-worker-flow", "process-worker-subflow")
+    out, chart = tmp_path / "results.json", tmp_path / "sizes.png"
+    script = str(ROOT / "bench" / "benchmark.py")
+    proc = stack.sh(sys.executable, script, "--smoke", "--out", str(out), "--chart", str(chart), timeout=3600)
     results = json.loads(out.read_text())
+    assert results["floor"]["pipeline"] > 0
     for design in ("docker", "process"):
         hops = results["latency"][design]
-        assert 0 < hops["sub running->completed"]["median"] < hops["total"]["median"]
-        assert results["throughput"]["1"][design]["correct"] == 1
+        assert 0 < hops["subflow: running to completed"]["median"] < hops["trigger to completed"]["median"]
+        assert results["throughput"]["2"][design]["correct"] == 2
+        assert results["cpu"][design]["total"] > 0
+    assert all(
+        sample["correct"] for store in results["sizes"].values() for s in store.values() for sample in s
+    )
     assert results["redeploy"]["median"] > 0
-    assert "| total (s) |" in proc.stdout and "docker/process" in proc.stdout
+    assert "| trigger to completed |" in proc.stdout and chart.stat().st_size > 10_000

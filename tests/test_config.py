@@ -54,7 +54,9 @@ HOMES = {
 @pytest.mark.parametrize("literal", list(HOMES))
 def test_every_setting_has_one_home(literal):
     found = sorted(name for name, text in tracked("tests/test_config.py").items() if literal in text)
-    assert found == HOMES[literal], f"{literal!r} is in {found}; its home is {HOMES[literal] or 'derived in .env'}"
+    assert found == HOMES[literal], (
+        f"{literal!r} is in {found}; its home is {HOMES[literal] or 'derived in .env'}"
+    )
 
 
 def test_published_ports_bind_to_loopback():
@@ -66,19 +68,33 @@ def test_published_ports_bind_to_loopback():
 
 def test_a_component_block_holds_only_what_is_its_own():
     config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    own = {"name", "entrypoint", "build", "work_pool", "parameters", "schedules", "version", "enforce_parameter_schema"}
+    own = {
+        "name",
+        "entrypoint",
+        "build",
+        "work_pool",
+        "parameters",
+        "schedules",
+        "version",
+        "enforce_parameter_schema",
+    }
     for deployment in config["deployments"]:
         assert set(deployment) <= own, deployment["name"]
         tag, build = deployment["build"]
         assert set(tag["tools/image_tag.py:image_tag"]) == {"id", "directory"}, deployment["name"]
-        assert build["prefect_docker.deployments.steps.build_docker_image"] == config["definitions"]["build_image"]
+        assert (
+            build["prefect_docker.deployments.steps.build_docker_image"]
+            == config["definitions"]["build_image"]
+        )
         assert deployment["work_pool"] in config["definitions"]["pools"], deployment["name"]
         assert deployment["work_pool"]["job_variables"] == {"image": "{{ build-image.image }}"}
     assert "push_docker_image" in str(config["push"]) and "pipeline-registry" in str(config["push"])
 
 
 def tags(root: Path) -> dict[str, str]:
-    return {c: image_tag.content_hash(root / c, [SETTINGS[a] for a in image_tag.BUILD_ARGS]) for c in COMPONENTS}
+    return {
+        c: image_tag.content_hash(root / c, [SETTINGS[a] for a in image_tag.BUILD_ARGS]) for c in COMPONENTS
+    }
 
 
 def clone(target: Path) -> Path:
@@ -95,7 +111,12 @@ def test_content_tags_are_the_same_in_every_fresh_clone(tmp_path, monkeypatch):
     monkeypatch.setattr(image_tag, "ROOT", second)
     monkeypatch.setattr(image_tag, "RECIPE", second / "component.Dockerfile")
     assert tags(second) == expected
-    clean = subprocess.run(["git", "status", "--porcelain", *COMPONENTS, "component.Dockerfile", ".dockerignore"], cwd=ROOT, capture_output=True, text=True).stdout
+    clean = subprocess.run(
+        ["git", "status", "--porcelain", *COMPONENTS, "component.Dockerfile", ".dockerignore"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout
     if not clean:  # the working tree holds what was committed: its tags are the clone's
         monkeypatch.setattr(image_tag, "ROOT", ROOT)
         monkeypatch.setattr(image_tag, "RECIPE", ROOT / "component.Dockerfile")
@@ -119,7 +140,9 @@ def test_junk_changes_no_tag_and_a_real_change_does(tmp_path, monkeypatch):
         (root / component / ".pytest_cache").mkdir()
         (root / component / "test_scratch.py").write_text("x = 1\n")
     assert tags(root) == before
-    (root / "subflow" / "subflow.py").write_text((root / "subflow" / "subflow.py").read_text() + "\n# a change\n")
+    (root / "subflow" / "subflow.py").write_text(
+        (root / "subflow" / "subflow.py").read_text() + "\n# a change\n"
+    )
     after = tags(root)
     assert after["subflow"] != before["subflow"] and {c: after[c] for c in ("main_flow", "validate")} == {
         c: before[c] for c in ("main_flow", "validate")
@@ -135,7 +158,12 @@ def test_the_tag_step_names_missing_settings(monkeypatch):
 
 
 def test_every_lock_is_fresh_and_hashed():
-    assert subprocess.run([sys.executable, str(ROOT / "tools" / "lock.py"), "--check"], capture_output=True).returncode == 0
+    assert (
+        subprocess.run(
+            [sys.executable, str(ROOT / "tools" / "lock.py"), "--check"], capture_output=True
+        ).returncode
+        == 0
+    )
     for path in [*ROOT.glob("*/requirements.lock"), ROOT / "requirements-dev.lock"]:
         pins = lock.pins(path)
         assert pins and all(hashes for _, hashes in pins.values()), path
@@ -152,7 +180,9 @@ def test_a_stale_lock_is_caught(tmp_path):
             shutil.copy(ROOT / name, copy / name)
     with (copy / "subflow" / "requirements.txt").open("a") as file:
         file.write("polars>=1\n")
-    check = subprocess.run([sys.executable, str(copy / "tools" / "lock.py"), "--check"], capture_output=True, text=True)
+    check = subprocess.run(
+        [sys.executable, str(copy / "tools" / "lock.py"), "--check"], capture_output=True, text=True
+    )
     assert check.returncode != 0
     assert "subflow/requirements.lock: polars>=1 is not in the lock" in check.stderr
     assert "run `make lock`" in check.stderr

@@ -18,7 +18,13 @@ from prefect.utilities.callables import parameter_schema
 
 from conftest import ROOT
 
-SAMPLE = {"uri": "s3://bucket/runs/1/input.parquet", "rows": 3, "columns": ["a"], "bytes": 9, "sha256": "0" * 64}
+SAMPLE = {
+    "uri": "s3://bucket/runs/1/input.parquet",
+    "rows": 3,
+    "columns": ["a"],
+    "bytes": 9,
+    "sha256": "0" * 64,
+}
 
 
 def load(path: Path) -> ModuleType:
@@ -59,14 +65,18 @@ def violations(main: ModuleType, module: ModuleType, function: str, deployment: 
         f"parameter {'.'.join(map(str, e.path)) or '(all)'}: {e.message}"
         for e in jsonschema.Draft202012Validator(schema).iter_errors(params)
     ]
-    problems += [f"parameter {name!r} is not accepted" for name in sorted(set(params) - set(schema["properties"]))]
+    problems += [
+        f"parameter {name!r} is not accepted" for name in sorted(set(params) - set(schema["properties"]))
+    ]
     returned = typing.get_type_hints(typing.get_type_hints(flow.fn)["return"])
     for key, kind in main.STEP_RESULT.items():
         if key not in returned:
             problems.append(f"result key {key!r} is not returned")
         elif kind_of(returned[key]) is not kind:
             problems.append(f"result key {key!r} is {returned[key]}, the main flow reads {kind}")
-    if "output" in returned and typing.get_type_hints(returned["output"]) != typing.get_type_hints(main.DataRef):
+    if "output" in returned and typing.get_type_hints(returned["output"]) != typing.get_type_hints(
+        main.DataRef
+    ):
         problems.append("its output DataRef differs from the main flow's")
     return problems
 
@@ -74,7 +84,9 @@ def violations(main: ModuleType, module: ModuleType, function: str, deployment: 
 def test_the_pipeline_has_steps_and_a_parallel_group_is_allowed():
     main, steps = pipeline()
     assert list(steps) == ["validate/validate", "subflow/subflow"]
-    assert main.step_groups([["validate/validate", "subflow/subflow"]]) == [["validate/validate", "subflow/subflow"]]
+    assert main.step_groups([["validate/validate", "subflow/subflow"]]) == [
+        ["validate/validate", "subflow/subflow"]
+    ]
 
 
 @pytest.mark.parametrize("step", list(pipeline()[1]))
@@ -91,7 +103,11 @@ def test_drift_is_caught(tmp_path: Path):
     code = tmp_path / "subflow" / "subflow.py"
     text = code.read_text()
     assert "def subflow(data: DataRef," in text and "    report: str\n" in text
-    code.write_text(text.replace("def subflow(data: DataRef,", "def subflow(records: DataRef,").replace("    report: str\n", ""))
+    code.write_text(
+        text.replace("def subflow(data: DataRef,", "def subflow(records: DataRef,").replace(
+            "    report: str\n", ""
+        )
+    )
     main, steps = pipeline(tmp_path)
     problems = violations(main, *steps["subflow/subflow"])
     assert "parameter (all): 'records' is a required property" in problems

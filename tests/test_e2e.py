@@ -3,10 +3,12 @@
 import time
 
 import pytest
-from conftest import IRIS_SETOSA
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
+from conftest import IRIS_SETOSA
+
 pytestmark = pytest.mark.e2e
+FORMAT = '{{index .Actor.Attributes "io.prefect.flow-run-id"}} {{.Actor.ID}} {{.Actor.Attributes.image}}'
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def test_each_flow_ran_in_its_own_container_from_its_own_image(stack, pipeline_r
     events = stack.sh(
         "docker", "events", "--since", f"{started:.0f}", "--until", f"{time.time():.0f}",
         "--filter", "event=start", "--filter", "label=io.prefect.flow-run-id",
-        "--format", '{{index .Actor.Attributes "io.prefect.flow-run-id"}} {{.Actor.ID}} {{.Actor.Attributes.image}}',
+        "--format", FORMAT,
     ).stdout.split("\n")  # fmt: skip
     starts = {line.split()[0]: line.split()[1:] for line in events if line}
     runs = {"main_flow": (main.id, output["main_image"])} | {
@@ -51,7 +53,10 @@ def test_each_flow_ran_in_its_own_container_from_its_own_image(stack, pipeline_r
     assert len({container for container, _ in starts.values()}) == len(starts) == 3
     # Each image carries only its own dependencies: pandas is validate's alone.
     probe = "import importlib.util as u; print(u.find_spec('pandas') is not None)"
-    has_pandas = {c: stack.sh("docker", "run", "--rm", image, "python", "-c", probe).stdout.strip() for c, (_, image) in runs.items()}
+    has_pandas = {
+        c: stack.sh("docker", "run", "--rm", image, "python", "-c", probe).stdout.strip()
+        for c, (_, image) in runs.items()
+    }
     assert has_pandas == {"main_flow": "False", "validate": "True", "subflow": "False"}
     for run_id, _ in runs.values():  # auto_remove: no flow-run container is left behind
         assert not stack.containers(run_id)
@@ -80,7 +85,9 @@ def test_variable_and_artifacts_hold_the_output(stack, pipeline_run):
     with stack.api() as client:
         variable = client.read_variable_by_name(subflow["variable"]).value
         runs = [main.id] + [r["flow_run_id"] for r in output["results"].values()]
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=runs)))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=runs))
+        )
     assert subflow["variable"] == f"subflow-output-{subflow['flow_run_id']}"
     assert variable == {
         "output": subflow["output"]["uri"],

@@ -1,10 +1,11 @@
 """Failure, concurrency and restarts on real Docker: nothing lost, mixed up, half-written or hanging."""
 
 import pytest
-from conftest import iris_rows, to_csv
 from harness import PREFECT, wait_for
 from prefect.client.schemas.actions import DeploymentUpdate
 from prefect.exceptions import PrefectHTTPStatusError
+
+from conftest import iris_rows, to_csv
 
 pytestmark = pytest.mark.e2e
 
@@ -73,14 +74,16 @@ def test_a_killed_container_is_reported_and_removed(stack, victim):
 def test_a_step_over_its_memory_limit_crashes_and_says_so(stack):
     subflow = stack.deployment("subflow/subflow")
     with stack.api() as client:  # a per-deployment override of the pool's limit
-        client.update_deployment(subflow.id, DeploymentUpdate(job_variables={**subflow.job_variables, "mem_limit": "40m"}))
+        client.update_deployment(
+            subflow.id, DeploymentUpdate(job_variables={**subflow.job_variables, "mem_limit": "40m"})
+        )
     try:
         run = stack.run("main-flow/main")
     finally:
         with stack.api() as client:
             client.update_deployment(subflow.id, DeploymentUpdate(job_variables=subflow.job_variables))
     child = stack.child(run.id, "subflow")
-    oom = "exited with non-zero status code 137. Process was killed, likely due to an out-of-memory (OOM) condition"
+    oom = "status code 137. Process was killed, likely due to an out-of-memory (OOM) condition"
     assert child.state.is_crashed() and oom in child.state.message, child.state
     assert_failed_cleanly(stack, run, "step subflow/subflow", children=2)
     assert "ended Crashed" in run.state.message and oom in run.state.message
@@ -91,7 +94,9 @@ def test_ten_concurrent_runs_never_mix_their_outputs(stack, serve):
     sources = {i: serve(f"part{i}.csv", to_csv(rows[i::10])) for i in range(10)}
     runs = {i: stack.start("main-flow/main", source=url) for i, url in sources.items()}  # at once
     finished = {i: stack.wait_final(run.id, timeout=900) for i, run in runs.items()}
-    assert all(run.state.is_completed() for run in finished.values()), {i: r.state for i, r in finished.items()}
+    assert all(run.state.is_completed() for run in finished.values()), {
+        i: r.state for i, r in finished.items()
+    }
     children = set()
     with stack.api() as client:
         for i, run in finished.items():
@@ -115,7 +120,10 @@ def test_ten_concurrent_runs_never_mix_their_outputs(stack, serve):
         ("../main_flow.py", "is outside the data directory"),
         ("file:///etc/passwd", "only http and https URLs are allowed"),
         ("http://prefect-server:4200/docs", "host 'prefect-server' has the non-public address"),
-        ("http://testdata:8000/missing.csv", "cannot fetch source 'http://testdata:8000/missing.csv': HTTP 404"),
+        (
+            "http://testdata:8000/missing.csv",
+            "cannot fetch source 'http://testdata:8000/missing.csv': HTTP 404",
+        ),
         ("http://testdata:9/iris.csv", "cannot fetch source 'http://testdata:9/iris.csv'"),
     ],
 )
@@ -145,7 +153,9 @@ def test_a_missing_or_corrupt_stored_input_fails_before_any_step(stack):
     corrupt = stack.run("main-flow/main", data={**data, "sha256": "0" * 64})
     assert_failed_cleanly(stack, corrupt, f"stored object corrupt: {data['uri']} does not match its sha256")
     missing = {**data, "uri": data["uri"].replace(str(done.id), "0" * 8)}
-    assert_failed_cleanly(stack, stack.run("main-flow/main", data=missing), f"stored object missing: {missing['uri']}")
+    assert_failed_cleanly(
+        stack, stack.run("main-flow/main", data=missing), f"stored object missing: {missing['uri']}"
+    )
 
 
 @pytest.mark.parametrize(
@@ -168,7 +178,9 @@ def test_wrong_parameters_are_rejected_before_any_run(stack, parameters):
 
 
 def test_the_cli_names_a_rejected_parameter(stack):
-    cli = stack.sh(PREFECT, "deployment", "run", "main-flow/main", "--param", "poll_interval_s=0.01", check=False)
+    cli = stack.sh(
+        PREFECT, "deployment", "run", "main-flow/main", "--param", "poll_interval_s=0.01", check=False
+    )
     assert cli.returncode != 0 and "poll_interval_s" in cli.stdout + cli.stderr
 
 

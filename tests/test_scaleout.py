@@ -27,21 +27,38 @@ class Engine:
         self.pidfile = root / "docker.pid"
 
     def start(self) -> None:
-        mirrors = json.loads(subprocess.run(["docker", "info", "--format", "{{json .RegistryConfig.Mirrors}}"], capture_output=True, text=True, check=True).stdout)
+        mirrors = json.loads(
+            subprocess.run(
+                ["docker", "info", "--format", "{{json .RegistryConfig.Mirrors}}"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
         subprocess.run(["ip", "link", "add", BRIDGE, "type", "bridge"], check=False, capture_output=True)
         subprocess.run(["ip", "addr", "replace", "172.31.250.1/24", "dev", BRIDGE], check=True)
         subprocess.run(["ip", "link", "set", BRIDGE, "up"], check=True)
+        mirror = [a for m in mirrors or [] for a in ("--registry-mirror", m)]  # as the first engine's
         args = ["dockerd", "--data-root", str(self.root / "data"), "--exec-root", str(self.root / "exec"),
                 "-H", f"unix://{self.socket}", "--pidfile", str(self.pidfile), "--bridge", BRIDGE,
-                "--iptables=false", *(a for m in mirrors or [] for a in ("--registry-mirror", m))]  # fmt: skip
+                "--iptables=false", *mirror]  # fmt: skip
         self.log = (self.root / "dockerd.log").open("w")
         self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
         wait_for("the second engine", lambda: self.docker("info", check=False).returncode == 0, timeout=120)
 
     def docker(self, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
-        proc = subprocess.run(["docker", "-H", f"unix://{self.socket}", *args], capture_output=True, text=True, env={**os.environ, **env}, timeout=1800)
+        proc = subprocess.run(
+            ["docker", "-H", f"unix://{self.socket}", *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+            timeout=1800,
+        )
         if check and proc.returncode != 0:
-            raise AssertionError(f"docker {' '.join(args)} on the second engine exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+            output = f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+            raise AssertionError(
+                f"docker {' '.join(args)} on the second engine exited {proc.returncode}\n{output}"
+            )
         return proc
 
     def stop(self) -> None:
@@ -50,7 +67,9 @@ class Engine:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.process.kill()
-        subprocess.run(["umount", str(self.root / "exec" / "netns" / "default")], check=False, capture_output=True)
+        subprocess.run(
+            ["umount", str(self.root / "exec" / "netns" / "default")], check=False, capture_output=True
+        )
         subprocess.run(["ip", "link", "delete", BRIDGE], check=False, capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -96,8 +115,19 @@ def remote_worker(s3_stack, engine, tmp_path_factory):
     compose = ["docker", "compose", "-f", "worker/compose.yml"]
     # Built with the host's network: the second engine's bridge has no NAT to reach PyPI.
     image = f"pipeline-worker/worker:{SETTINGS['PREFECT_VERSION']}"
-    engine.docker("build", "--network", "host", "-t", image, "--build-arg", f"PREFECT_IMAGE={SETTINGS['PREFECT_IMAGE']}", str(ROOT / "worker"))
-    up = subprocess.run([*compose, "up", "-d", "--wait"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    engine.docker(
+        "build",
+        "--network",
+        "host",
+        "-t",
+        image,
+        "--build-arg",
+        f"PREFECT_IMAGE={SETTINGS['PREFECT_IMAGE']}",
+        str(ROOT / "worker"),
+    )
+    up = subprocess.run(
+        [*compose, "up", "-d", "--wait"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
     assert up.returncode == 0, up.stdout + up.stderr
     yield env
     subprocess.run([*compose, "down", "-v"], cwd=ROOT, env=env, capture_output=True, timeout=300)
@@ -110,7 +140,9 @@ def on_remote_pool(directory: Path) -> Path:
     block = "    entrypoint: subflow/subflow.py:subflow\n"
     start = text.index(block)
     end = text.index("    work_pool: *subflow_pool\n", start)
-    (project / "prefect.yaml").write_text(text[:end] + "    work_pool: *remote_pool\n" + text[end + len("    work_pool: *subflow_pool\n"):])
+    (project / "prefect.yaml").write_text(
+        text[:end] + "    work_pool: *remote_pool\n" + text[end + len("    work_pool: *subflow_pool\n") :]
+    )
     return project
 
 
@@ -131,7 +163,17 @@ def test_a_subflow_on_a_second_docker_engine_gives_the_same_output(s3_stack, eng
     assert subflow.work_pool_name == SETTINGS["REMOTE_POOL"]
     # The second engine pulled the image from the registry and ran the subflow's container.
     assert engine.docker("image", "inspect", image, check=False).returncode == 0
-    events = engine.docker("events", "--since", "30m", "--until", "0s", "--filter", "event=start", "--filter", f"label=io.prefect.flow-run-id={subflow.id}")
+    events = engine.docker(
+        "events",
+        "--since",
+        "30m",
+        "--until",
+        "0s",
+        "--filter",
+        "event=start",
+        "--filter",
+        f"label=io.prefect.flow-run-id={subflow.id}",
+    )
     assert events.stdout.strip(), "no container of the subflow run started on the second engine"
     before, after = stack.output(here), stack.output(there)
     assert after["input"]["sha256"] == before["input"]["sha256"]
@@ -141,11 +183,19 @@ def test_a_subflow_on_a_second_docker_engine_gives_the_same_output(s3_stack, eng
 
 
 def test_a_worker_that_cannot_reach_the_api_fails_fast_with_the_cause(remote_worker):
-    env = {**remote_worker, "PREFECT_API_URL": "http://127.0.0.1:9/api", "COMPOSE_PROJECT_NAME": "pipeline-worker-unreachable"}
+    env = {
+        **remote_worker,
+        "PREFECT_API_URL": "http://127.0.0.1:9/api",
+        "COMPOSE_PROJECT_NAME": "pipeline-worker-unreachable",
+    }
     compose = ["docker", "compose", "-f", "worker/compose.yml"]
     try:
-        up = subprocess.run([*compose, "up", "-d", "--wait"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        logs = subprocess.run([*compose, "logs", "setup"], cwd=ROOT, env=env, capture_output=True, text=True).stdout
+        up = subprocess.run(
+            [*compose, "up", "-d", "--wait"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
+        logs = subprocess.run(
+            [*compose, "logs", "setup"], cwd=ROOT, env=env, capture_output=True, text=True
+        ).stdout
     finally:
         subprocess.run([*compose, "down", "-v"], cwd=ROOT, env=env, capture_output=True, timeout=300)
     assert up.returncode != 0 and 'service "setup" didn\'t complete successfully' in up.stderr
@@ -162,7 +212,10 @@ def test_the_deployments_render_for_a_kubernetes_work_pool(stack, tmp_path):
         template = client.read_work_pool(pool).base_job_template
     defaults = template["variables"]["properties"]
     defaults["command"]["default"] = docker_template["command"]
-    defaults["env"]["default"] = {"PIPELINE_DATA_URL": "s3://pipeline/data", "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": "remote-file-system/pipeline-results"}
+    defaults["env"]["default"] = {
+        "PIPELINE_DATA_URL": "s3://pipeline/data",
+        "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": "remote-file-system/pipeline-results",
+    }
     (tmp_path / "kubernetes.json").write_text(json.dumps(template))
     stack.sh(PREFECT, "work-pool", "update", pool, "--base-job-template", str(tmp_path / "kubernetes.json"))
     try:
@@ -171,13 +224,17 @@ def test_the_deployments_render_for_a_kubernetes_work_pool(stack, tmp_path):
             for name in ("main-flow/main", "validate/validate", "subflow/subflow"):
                 deployment = client.read_deployment_by_name(name)
                 assert deployment.work_pool_name == pool
-                run = FlowRun(id=uuid.uuid4(), name="rendered", flow_id=deployment.flow_id, deployment_id=deployment.id)
+                run = FlowRun(
+                    id=uuid.uuid4(), name="rendered", flow_id=deployment.flow_id, deployment_id=deployment.id
+                )
                 job = asyncio.run(render(stack, template, deployment, run))
                 container = job["spec"]["template"]["spec"]["containers"][0]
                 env = {e["name"]: e.get("value") for e in container["env"]}
                 assert container["image"] == deployment.job_variables["image"]
                 assert container["args"] == docker_template["command"].split()
-                assert env["PIPELINE_DATA_URL"] == "s3://pipeline/data" and env["PREFECT__FLOW_RUN_ID"] == str(run.id)
+                assert env["PIPELINE_DATA_URL"] == "s3://pipeline/data" and env[
+                    "PREFECT__FLOW_RUN_ID"
+                ] == str(run.id)
     finally:
         stack.deploy()  # back on the docker pools
         stack.sh(PREFECT, "work-pool", "delete", pool)
@@ -189,6 +246,8 @@ async def render(stack, template: dict, deployment, run: FlowRun) -> dict:
     from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
     async with PrefectClient(stack.api_url, auth_string=stack.secret("api-auth-string")) as client:
-        configuration = await KubernetesWorkerJobConfiguration.from_template_and_values(template, deployment.job_variables, client=client)
+        configuration = await KubernetesWorkerJobConfiguration.from_template_and_values(
+            template, deployment.job_variables, client=client
+        )
         configuration.prepare_for_flow_run(run, deployment=deployment)
     return configuration.job_manifest

@@ -12,6 +12,10 @@ from harness import CI, PREFECT, ROOT, SETTINGS, wait_for
 from prefect.client.schemas.actions import BlockDocumentUpdate
 
 pytestmark = pytest.mark.e2e
+# Headless, and quiet: without the background-networking flags Chromium keeps dialling Google.
+CHROMIUM = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--window-size=1400,1000", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync")  # fmt: skip
 
 
 def inspect(stack, run_id) -> dict:
@@ -51,11 +55,19 @@ def test_a_run_cannot_widen_the_pool_template(stack, stored_input):
         "network_mode": "host",
         "container_create_kwargs": {"cap_add": ["SYS_ADMIN"], "user": "root"},
     }
-    run = stack.start("subflow/subflow", job_variables=unsafe, data=stored_input, out=f"{stack.data_url()}/runs/x/s")
+    run = stack.start(
+        "subflow/subflow", job_variables=unsafe, data=stored_input, out=f"{stack.data_url()}/runs/x/s"
+    )
     info = inspect(stack, run.id)
     host = info["HostConfig"]
-    assert host["Privileged"] is False and not host["CapAdd"] and info["Config"]["User"] == f"{SETTINGS['FLOW_UID']}:{SETTINGS['FLOW_UID']}"
-    assert host["Binds"] == [f"{stack.project}_data:/data"] and host["NetworkMode"] == f"{stack.project}_default"
+    assert (
+        host["Privileged"] is False
+        and not host["CapAdd"]
+        and info["Config"]["User"] == f"{SETTINGS['FLOW_UID']}:{SETTINGS['FLOW_UID']}"
+    )
+    assert (
+        host["Binds"] == [f"{stack.project}_data:/data"] and host["NetworkMode"] == f"{stack.project}_default"
+    )
     assert info["Config"]["Cmd"] == ["python", "-m", "prefect.engine"]
     assert stack.wait_final(run.id).state.is_completed()
 
@@ -64,7 +76,10 @@ def test_the_api_refuses_requests_without_the_auth_string(stack):
     assert httpx.get(f"{stack.api_url}/health").status_code == 200  # probes need no credentials
     assert httpx.get(f"{stack.api_url}/admin/version").status_code == 401
     wrong = base64.b64encode(b"admin:wrong").decode()
-    assert httpx.get(f"{stack.api_url}/admin/version", headers={"Authorization": f"Basic {wrong}"}).status_code == 401
+    assert (
+        httpx.get(f"{stack.api_url}/admin/version", headers={"Authorization": f"Basic {wrong}"}).status_code
+        == 401
+    )
     cli = stack.sh(PREFECT, "deployment", "ls", check=False, PREFECT_API_AUTH_STRING="admin:wrong")
     assert cli.returncode != 0 and "401" in cli.stdout + cli.stderr
 
@@ -101,7 +116,9 @@ def test_a_registry_that_refuses_credentials_crashes_the_run_with_the_cause(stac
         run = stack.run("main-flow/main", steps=["subflow/subflow"])
     finally:
         with stack.api() as client:
-            client.update_block_document(block.id, BlockDocumentUpdate(data={**data, "password": stack.secret("registry-password")}))
+            client.update_block_document(
+                block.id, BlockDocumentUpdate(data={**data, "password": stack.secret("registry-password")})
+            )
     child = stack.child(run.id, "subflow")
     assert child.state.is_crashed() and "401" in child.state.message, child.state
     assert run.state.is_failed() and "ended Crashed" in run.state.message
@@ -111,13 +128,19 @@ def test_a_registry_that_refuses_credentials_crashes_the_run_with_the_cause(stac
 def test_no_secret_in_images_templates_or_deployments(stack):
     secrets = [stack.secret(name) for name in ("api-auth-string", "postgres-password", "registry-password")]
     with stack.api() as client:
-        pools = [client.read_work_pool(stack.env()[p]).base_job_template for p in ("FLOW_POOL", "SUBFLOW_POOL")]
+        pools = [
+            client.read_work_pool(stack.env()[p]).base_job_template for p in ("FLOW_POOL", "SUBFLOW_POOL")
+        ]
         deployments = [d.model_dump(mode="json") for d in client.read_deployments()]
-    images = [d["job_variables"]["image"] for d in deployments] + [f"{stack.project}/worker:{stack.env()['PREFECT_VERSION']}"]
+    images = [d["job_variables"]["image"] for d in deployments] + [
+        f"{stack.project}/worker:{stack.env()['PREFECT_VERSION']}"
+    ]
     inspected = stack.sh("docker", "image", "inspect", *set(images)).stdout
     for secret in secrets:
         assert secret not in json.dumps(pools) + json.dumps(deployments) + inspected
-    tracked = subprocess.run(["git", "grep", "-l", "-F", "-e", secrets[0], "-e", secrets[1]], cwd=ROOT, capture_output=True)
+    tracked = subprocess.run(
+        ["git", "grep", "-l", "-F", "-e", secrets[0], "-e", secrets[1]], cwd=ROOT, capture_output=True
+    )
     assert tracked.returncode == 1, tracked.stdout  # in no tracked file
 
 
@@ -135,8 +158,7 @@ def test_the_ui_works_in_a_real_browser_after_login(stack, tmp_path):
 
     assert stack.run("main-flow/main").state.is_completed()
     options = webdriver.ChromeOptions()
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--window-size=1400,1000",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"):  # fmt: skip
+    for flag in CHROMIUM:
         options.add_argument(flag)
     browser = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
     try:
@@ -150,9 +172,10 @@ def test_the_ui_works_in_a_real_browser_after_login(stack, tmp_path):
         browser.get(f"http://localhost:{stack.prefect_port}/runs")
         wait.until(seen.text_to_be_present_in_element((By.TAG_NAME, "body"), "main-flow"))
         assert "validate" in browser.find_element(By.TAG_NAME, "body").text
-    except Exception:
+    except Exception as exc:
         browser.save_screenshot(str(tmp_path / "ui.png"))
         console = "\n".join(entry["message"] for entry in browser.get_log("browser"))
-        raise AssertionError(f"{browser.current_url}\n{browser.find_element(By.TAG_NAME, 'body').text[:2000]}\n{console}")
+        page = browser.find_element(By.TAG_NAME, "body").text[:2000]
+        raise AssertionError(f"{browser.current_url}\n{page}\n{console}") from exc
     finally:
         browser.quit()

@@ -117,8 +117,8 @@ def test_passes_valid_data_on(prefect_api, stored, tmp_path):
 
 
 def test_refuses_a_corrupt_object(prefect_api, stored, tmp_path):
-    state = component.{name}({{**stored, "sha256": "0" * 64}}, f"file://{{tmp_path}}/{name}", return_state=True)
-    assert state.is_failed()
+    corrupt = {{**stored, "sha256": "0" * 64}}
+    assert component.{name}(corrupt, f"file://{{tmp_path}}/{name}", return_state=True).is_failed()
 '''
 
 REQUIREMENTS = """# {name}'s own dependencies beyond the base image's prefect; `make lock` pins them.

@@ -32,7 +32,10 @@ def prefect_pin() -> str:
 def image_inputs() -> dict[Path, list[str]]:
     """Each image's lock file and the requirements it must satisfy."""
     # Components and the worker are built FROM the Prefect image; the S3 test endpoint is not.
-    locks = {txt.with_suffix(".lock"): [prefect_pin(), *read_requirements(txt)] for txt in sorted(ROOT.glob("*/requirements.txt"))}
+    locks = {
+        txt.with_suffix(".lock"): [prefect_pin(), *read_requirements(txt)]
+        for txt in sorted(ROOT.glob("*/requirements.txt"))
+    }
     if S3_TEST.is_file():  # not in a copy of the deployable part (tests/harness.py)
         locks[S3_TEST.with_suffix(".lock")] = read_requirements(S3_TEST)
     return locks

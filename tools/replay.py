@@ -18,6 +18,7 @@ from uuid import UUID
 import fsspec
 from prefect import get_client
 
+
 def replay(run_id: UUID, watch: bool) -> None:
     uri = f"{os.environ['PIPELINE_DATA_URL'].rstrip('/')}/runs/{run_id}/output.json"
     try:

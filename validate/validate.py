@@ -63,7 +63,11 @@ def validate(data: DataRef, out: str, columns: dict[str, ColumnRule]) -> StepRes
     # In the data's column order: a schema that comes back from the API has lost its key order.
     names = [c for c in data["columns"] if c in columns] + [c for c in columns if c not in data["columns"]]
     summary = [
-        {"column": name, "type": columns[name]["type"], "failures": sum(f["column"] == name for f in failures)}
+        {
+            "column": name,
+            "type": columns[name]["type"],
+            "failures": sum(f["column"] == name for f in failures),
+        }
         for name in names
     ]
     report = render_report(data, summary, failures)
