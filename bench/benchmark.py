@@ -126,14 +126,9 @@ def floor(runs: int) -> dict[str, Any]:
         image = BENCH.deployment(deployment).job_variables["image"]
         load = f"import sys; sys.path.insert(0, '/opt/prefect/pipeline'); import prefect.engine, {module}"
         result[component] = {
-            "start": spread(
-                [timed("docker", "run", "--rm", "--entrypoint", "true", image) for _ in range(runs)]
-            ),
+            "start": spread([timed("docker", "run", "--rm", "--entrypoint", "true", image) for _ in range(runs)]),
             "start+imports": spread(
-                [
-                    timed("docker", "run", "--rm", "--entrypoint", "python", image, "-c", load)
-                    for _ in range(runs)
-                ]
+                [timed("docker", "run", "--rm", "--entrypoint", "python", image, "-c", load) for _ in range(runs)]
             ),
         }
     result["pipeline"] = sum(v["start+imports"]["median"] for v in result.values())
@@ -178,9 +173,7 @@ def correct(run: Any, summary: list[dict[str, Any]] | None = None) -> bool:
     (result,) = [r for name, r in BENCH.output(run)["results"].items() if name.startswith("subflow/")]
     if summary is None:
         return [g["count"] for g in result["summary"]] == [50, 50, 50]
-    return [(g["species"], g["count"]) for g in result["summary"]] == [
-        (g["species"], g["count"]) for g in summary
-    ]
+    return [(g["species"], g["count"]) for g in result["summary"]] == [(g["species"], g["count"]) for g in summary]
 
 
 def latency(runs: int) -> dict[str, Any]:
@@ -203,8 +196,7 @@ def container_cpu() -> dict[str, float]:
     client = docker.from_env()
     label = f"com.docker.compose.project={BENCH.project}"
     return {
-        c.labels["com.docker.compose.service"]: c.stats(stream=False)["cpu_stats"]["cpu_usage"]["total_usage"]
-        / 1e9
+        c.labels["com.docker.compose.service"]: c.stats(stream=False)["cpu_stats"]["cpu_usage"]["total_usage"] / 1e9
         for c in client.containers.list(filters={"label": label})
     }
 
@@ -274,10 +266,7 @@ def sizes(rows: list[int], runs: int) -> dict[str, Any]:
                         "state": run.state.name,
                         "peak_mb": {
                             "main_flow": output["peak_rss_bytes"] / 2**20,
-                            **{
-                                k.split("/")[0]: r["peak_rss_bytes"] / 2**20
-                                for k, r in output["results"].items()
-                            },
+                            **{k.split("/")[0]: r["peak_rss_bytes"] / 2**20 for k, r in output["results"].items()},
                         }
                         if output
                         else {},
@@ -294,8 +283,7 @@ def sizes(rows: list[int], runs: int) -> dict[str, Any]:
 def server_503s(since: datetime) -> int:
     logs = BENCH.compose("logs", "--no-log-prefix", "--since", since.isoformat(), "prefect-server").stdout
     return sum(
-        ("503" in line and "Service Unavailable" in line) or "database is locked" in line
-        for line in logs.splitlines()
+        ("503" in line and "Service Unavailable" in line) or "database is locked" in line for line in logs.splitlines()
     )
 
 
@@ -369,19 +357,13 @@ def report(results: dict[str, Any]) -> str:
             lines.append(f"| {n} | {cells[0]} | {cells[1]} | {d['wall'] / p['wall']:.2f} |")
         lines.append("")
     if "sizes" in results:
-        lines += [
-            "| rows | store | input (MB) | trigger to completed (s) | peak MB: main, validate, subflow | ok |"
-        ]
+        lines += ["| rows | store | input (MB) | trigger to completed (s) | peak MB: main, validate, subflow | ok |"]
         lines.append("| --- | --- | --- | --- | --- | --- |")
         for store, by_rows in results["sizes"].items():
             for n, samples in by_rows.items():
                 done = [s for s in samples if s["seconds"] is not None]
                 seconds = fmt(spread([s["seconds"] for s in done]), 1) if done else "failed"
-                peak = (
-                    ", ".join(f"{max(s['peak_mb'][c] for s in done):.0f}" for c in COMPONENTS)
-                    if done
-                    else "-"
-                )
+                peak = ", ".join(f"{max(s['peak_mb'][c] for s in done):.0f}" for c in COMPONENTS) if done else "-"
                 mb = f"{done[0]['input_mb']:.1f}" if done else "-"
                 ok = f"{sum(s['correct'] for s in samples)}/{len(samples)}"
                 lines.append(f"| {int(n):,} | {store} | {mb} | {seconds} | {peak} | {ok} |")
@@ -416,9 +398,7 @@ def chart(sizes_: dict[str, Any], path: Path) -> None:
                 marker="o",
                 label=f"{component} ({store})",
             )
-    left.set(
-        xscale="log", yscale="log", xlabel="rows", ylabel="trigger to completed (s)", title="Pipeline time"
-    )
+    left.set(xscale="log", yscale="log", xlabel="rows", ylabel="trigger to completed (s)", title="Pipeline time")
     right.set(xscale="log", xlabel="rows", ylabel="peak RSS (MB)", title="Peak memory per flow container")
     right.axhline(1024, color="grey", linestyle="--", linewidth=1, label="1 GB")
     for axis in (left, right):

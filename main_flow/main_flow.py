@@ -65,9 +65,7 @@ class Settings(BaseSettings):
     @field_validator("source_allow_prefixes", "source_allow_hosts", mode="before")
     @classmethod
     def comma_separated(cls, value: Any) -> Any:
-        return (
-            [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
-        )
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
 
 
 class PipelineError(RuntimeError):
@@ -208,9 +206,7 @@ def open_source(source: str, settings: Settings, max_bytes: int, deadline: float
         return
     path = source_path(source, settings)
     with path.open("rb") as file:
-        yield io.BufferedReader(
-            Capped(iter(lambda: file.read(CHUNK), b""), source, max_bytes, deadline), CHUNK
-        )
+        yield io.BufferedReader(Capped(iter(lambda: file.read(CHUNK), b""), source, max_bytes, deadline), CHUNK)
 
 
 def source_path(source: str, settings: Settings) -> Path:
@@ -370,9 +366,7 @@ def run_group(
     poll_s: float,
 ) -> dict[str, dict[str, Any]]:
     """Run the steps of a group at once on `data`; their results by deployment name."""
-    started = {
-        name: start_step(name, data, f"{run_dir}/{name.split('/')[1]}", images.get(name)) for name in group
-    }
+    started = {name: start_step(name, data, f"{run_dir}/{name.split('/')[1]}", images.get(name)) for name in group}
     finished = wait_for_runs(started, timeout_s, poll_s)
     failed = [
         f"step {name} (run {run.name!r}) ended {run.state.name}: {run.state.message}"
@@ -440,9 +434,7 @@ def step_result(name: str, run: FlowRun) -> dict[str, Any]:
     result = run.state.result()
     wrong = [k for k, kind in STEP_RESULT.items() if not isinstance(result.get(k), kind)]
     if wrong:
-        raise PipelineError(
-            f"step {name} returned a result that lacks or mistypes {wrong}: {str(result)[:300]}"
-        )
+        raise PipelineError(f"step {name} returned a result that lacks or mistypes {wrong}: {str(result)[:300]}")
     return {**result, "flow_run_id": str(run.id)}
 
 

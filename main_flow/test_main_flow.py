@@ -198,9 +198,7 @@ def test_unreachable_sources_are_transient(tmp_path):
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
     closed.close()
-    with pytest.raises(
-        component.SourceUnavailable, match=f"cannot fetch source 'http://127.0.0.1:{port}/x.csv'"
-    ):
+    with pytest.raises(component.SourceUnavailable, match=f"cannot fetch source 'http://127.0.0.1:{port}/x.csv'"):
         ingest(f"http://127.0.0.1:{port}/x.csv", tmp_path, LOOPBACK)
 
 

@@ -89,18 +89,14 @@ def summarise(uri: str, group_by: str) -> pa.Table:
         for batch in parquet.iter_batches(batch_size=1 << 20):
             table = pa.Table.from_batches([batch])
             for name in measures:
-                table = table.set_column(
-                    table.schema.get_field_index(name), name, numeric(table[name], name, offset)
-                )
+                table = table.set_column(table.schema.get_field_index(name), name, numeric(table[name], name, offset))
             aggregates = [(m, "sum") for m in measures] + [(m, "count") for m in measures]
             partials.append(table.group_by(group_by).aggregate([*aggregates, ([], "count_all")]))
             offset += batch.num_rows
     totals = (
         pa.concat_tables(partials)
         .group_by(group_by)
-        .aggregate(
-            [(f"{m}_{kind}", "sum") for m in measures for kind in ("sum", "count")] + [("count_all", "sum")]
-        )
+        .aggregate([(f"{m}_{kind}", "sum") for m in measures for kind in ("sum", "count")] + [("count_all", "sum")])
     )
     result = {group_by: totals[group_by], "count": totals["count_all_sum"]}
     for m in measures:

@@ -64,9 +64,7 @@ def test_numbers_stored_as_text_are_accepted(tmp_path):
 
 def test_flow_stores_the_summary_and_publishes_a_bounded_variable(prefect_api, tmp_path):
     groups = 400  # far more than a Variable holds
-    table = pa.table(
-        {"g": [f"group-{i:04d}" for i in range(groups)] * 2, "v": [1.0] * groups + [3.0] * groups}
-    )
+    table = pa.table({"g": [f"group-{i:04d}" for i in range(groups)] * 2, "v": [1.0] * groups + [3.0] * groups})
     ref = store(table, tmp_path / "runs" / "r2" / "input.parquet")
     state = component.subflow(ref, f"file://{tmp_path}/runs/r2/subflow", group_by="g", return_state=True)
     assert state.is_completed(), state

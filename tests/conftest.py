@@ -39,9 +39,7 @@ def stack():
     user = Stack.user()
     before = user.snapshot() if user.running() else None
     if before is None and CI:
-        pytest.fail(
-            "CI=true: bring the user's stack up first (make pipeline), so the suite proves it stays untouched"
-        )
+        pytest.fail("CI=true: bring the user's stack up first (make pipeline), so the suite proves it stays untouched")
     DATA.chmod(0o755)
     TEST.down()  # what an interrupted session may have left
     TEST.up()

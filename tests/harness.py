@@ -91,10 +91,7 @@ def expected_summary(table: pa.Table) -> list[dict[str, Any]]:
 
 
 def docker_available() -> bool:
-    return (
-        bool(shutil.which("docker"))
-        and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
-    )
+    return bool(shutil.which("docker")) and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
 
 
 @dataclass
@@ -146,9 +143,7 @@ class Stack:
 
     def sh(self, *args: str, timeout: float = 900, check: bool = True, cwd: Path = ROOT, **env: str):
         """Run a command in this stack's environment; show its output if it fails."""
-        proc = subprocess.run(
-            args, cwd=cwd, env={**self.env(), **env}, capture_output=True, text=True, timeout=timeout
-        )
+        proc = subprocess.run(args, cwd=cwd, env={**self.env(), **env}, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(
                 f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
@@ -162,8 +157,6 @@ class Stack:
 
     def up(self) -> None:
         self.compose("up", "-d", "--build", "--wait", timeout=1800)
-        if self.s3_port:
-            self.s3().mkdirs("pipeline", exist_ok=True)
 
     def down(self) -> None:
         """Remove this stack and its volumes: only ever called on a stack of our own."""
@@ -180,6 +173,8 @@ class Stack:
     def use_store(self, url: str, **env: str) -> None:
         """Point the flows at another data store: the setup service reapplies the pool template."""
         self.overrides.update(PIPELINE_DATA_URL=url, **env)
+        if url.startswith("s3://"):  # the test endpoint keeps buckets in memory: not across restarts
+            self.s3().mkdirs(url.removeprefix("s3://").split("/", 1)[0], exist_ok=True)
         self.compose("run", "--rm", "-T", "setup")
 
     # --- the API ------------------------------------------------------------------------------
@@ -191,15 +186,11 @@ class Stack:
         with self.api() as client:
             return client.read_deployment_by_name(name)
 
-    def start(
-        self, deployment: str, job_variables: dict[str, Any] | None = None, **parameters: Any
-    ) -> FlowRun:
+    def start(self, deployment: str, job_variables: dict[str, Any] | None = None, **parameters: Any) -> FlowRun:
         """Create a run of a deployment, as a scheduler, the UI or the CLI would."""
         with self.api() as client:
             found = client.read_deployment_by_name(deployment)
-            return client.create_flow_run_from_deployment(
-                found.id, parameters=parameters, job_variables=job_variables
-            )
+            return client.create_flow_run_from_deployment(found.id, parameters=parameters, job_variables=job_variables)
 
     def run(self, deployment: str, timeout: float = 600, **parameters: Any) -> FlowRun:
         """Run a deployment and wait until the run is final."""
@@ -252,9 +243,7 @@ class Stack:
         path = uri.removeprefix("file://")
         image = f"{self.project}/worker:{SETTINGS['PREFECT_VERSION']}"
         volume = f"{self.project}_data:/data:ro"
-        return self.sh(
-            "docker", "run", "--rm", "-v", volume, "--entrypoint", "cat", image, path
-        ).stdout.encode()
+        return self.sh("docker", "run", "--rm", "-v", volume, "--entrypoint", "cat", image, path).stdout.encode()
 
     def exists(self, uri: str) -> bool:
         if uri.startswith("s3://"):
@@ -287,9 +276,7 @@ class Stack:
     def snapshot(self) -> dict[str, Any]:
         """What the user would miss if a test touched it: deployments, runs, volumes, images, data."""
         with self.api() as client:
-            deployments = {
-                d.name: (str(d.id), str(d.updated), d.job_variables) for d in client.read_deployments()
-            }
+            deployments = {d.name: (str(d.id), str(d.updated), d.job_variables) for d in client.read_deployments()}
             runs = {str(r.id): r.state_type.value for r in client.read_flow_runs() if not r.auto_scheduled}
         volumes = self.sh(
             "docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={self.project}"

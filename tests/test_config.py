@@ -54,9 +54,7 @@ HOMES = {
 @pytest.mark.parametrize("literal", list(HOMES))
 def test_every_setting_has_one_home(literal):
     found = sorted(name for name, text in tracked("tests/test_config.py").items() if literal in text)
-    assert found == HOMES[literal], (
-        f"{literal!r} is in {found}; its home is {HOMES[literal] or 'derived in .env'}"
-    )
+    assert found == HOMES[literal], f"{literal!r} is in {found}; its home is {HOMES[literal] or 'derived in .env'}"
 
 
 def test_published_ports_bind_to_loopback():
@@ -82,19 +80,14 @@ def test_a_component_block_holds_only_what_is_its_own():
         assert set(deployment) <= own, deployment["name"]
         tag, build = deployment["build"]
         assert set(tag["tools/image_tag.py:image_tag"]) == {"id", "directory"}, deployment["name"]
-        assert (
-            build["prefect_docker.deployments.steps.build_docker_image"]
-            == config["definitions"]["build_image"]
-        )
+        assert build["prefect_docker.deployments.steps.build_docker_image"] == config["definitions"]["build_image"]
         assert deployment["work_pool"] in config["definitions"]["pools"], deployment["name"]
         assert deployment["work_pool"]["job_variables"] == {"image": "{{ build-image.image }}"}
     assert "push_docker_image" in str(config["push"]) and "pipeline-registry" in str(config["push"])
 
 
 def tags(root: Path) -> dict[str, str]:
-    return {
-        c: image_tag.content_hash(root / c, [SETTINGS[a] for a in image_tag.BUILD_ARGS]) for c in COMPONENTS
-    }
+    return {c: image_tag.content_hash(root / c, [SETTINGS[a] for a in image_tag.BUILD_ARGS]) for c in COMPONENTS}
 
 
 def clone(target: Path) -> Path:
@@ -140,9 +133,7 @@ def test_junk_changes_no_tag_and_a_real_change_does(tmp_path, monkeypatch):
         (root / component / ".pytest_cache").mkdir()
         (root / component / "test_scratch.py").write_text("x = 1\n")
     assert tags(root) == before
-    (root / "subflow" / "subflow.py").write_text(
-        (root / "subflow" / "subflow.py").read_text() + "\n# a change\n"
-    )
+    (root / "subflow" / "subflow.py").write_text((root / "subflow" / "subflow.py").read_text() + "\n# a change\n")
     after = tags(root)
     assert after["subflow"] != before["subflow"] and {c: after[c] for c in ("main_flow", "validate")} == {
         c: before[c] for c in ("main_flow", "validate")
@@ -159,9 +150,7 @@ def test_the_tag_step_names_missing_settings(monkeypatch):
 
 def test_every_lock_is_fresh_and_hashed():
     assert (
-        subprocess.run(
-            [sys.executable, str(ROOT / "tools" / "lock.py"), "--check"], capture_output=True
-        ).returncode
+        subprocess.run([sys.executable, str(ROOT / "tools" / "lock.py"), "--check"], capture_output=True).returncode
         == 0
     )
     for path in [*ROOT.glob("*/requirements.lock"), ROOT / "requirements-dev.lock"]:
@@ -180,9 +169,7 @@ def test_a_stale_lock_is_caught(tmp_path):
             shutil.copy(ROOT / name, copy / name)
     with (copy / "subflow" / "requirements.txt").open("a") as file:
         file.write("polars>=1\n")
-    check = subprocess.run(
-        [sys.executable, str(copy / "tools" / "lock.py"), "--check"], capture_output=True, text=True
-    )
+    check = subprocess.run([sys.executable, str(copy / "tools" / "lock.py"), "--check"], capture_output=True, text=True)
     assert check.returncode != 0
     assert "subflow/requirements.lock: polars>=1 is not in the lock" in check.stderr
     assert "run `make lock`" in check.stderr

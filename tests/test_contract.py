@@ -65,18 +65,14 @@ def violations(main: ModuleType, module: ModuleType, function: str, deployment: 
         f"parameter {'.'.join(map(str, e.path)) or '(all)'}: {e.message}"
         for e in jsonschema.Draft202012Validator(schema).iter_errors(params)
     ]
-    problems += [
-        f"parameter {name!r} is not accepted" for name in sorted(set(params) - set(schema["properties"]))
-    ]
+    problems += [f"parameter {name!r} is not accepted" for name in sorted(set(params) - set(schema["properties"]))]
     returned = typing.get_type_hints(typing.get_type_hints(flow.fn)["return"])
     for key, kind in main.STEP_RESULT.items():
         if key not in returned:
             problems.append(f"result key {key!r} is not returned")
         elif kind_of(returned[key]) is not kind:
             problems.append(f"result key {key!r} is {returned[key]}, the main flow reads {kind}")
-    if "output" in returned and typing.get_type_hints(returned["output"]) != typing.get_type_hints(
-        main.DataRef
-    ):
+    if "output" in returned and typing.get_type_hints(returned["output"]) != typing.get_type_hints(main.DataRef):
         problems.append("its output DataRef differs from the main flow's")
     return problems
 
@@ -84,9 +80,7 @@ def violations(main: ModuleType, module: ModuleType, function: str, deployment: 
 def test_the_pipeline_has_steps_and_a_parallel_group_is_allowed():
     main, steps = pipeline()
     assert list(steps) == ["validate/validate", "subflow/subflow"]
-    assert main.step_groups([["validate/validate", "subflow/subflow"]]) == [
-        ["validate/validate", "subflow/subflow"]
-    ]
+    assert main.step_groups([["validate/validate", "subflow/subflow"]]) == [["validate/validate", "subflow/subflow"]]
 
 
 @pytest.mark.parametrize("step", list(pipeline()[1]))
@@ -104,9 +98,7 @@ def test_drift_is_caught(tmp_path: Path):
     text = code.read_text()
     assert "def subflow(data: DataRef," in text and "    report: str\n" in text
     code.write_text(
-        text.replace("def subflow(data: DataRef,", "def subflow(records: DataRef,").replace(
-            "    report: str\n", ""
-        )
+        text.replace("def subflow(data: DataRef,", "def subflow(records: DataRef,").replace("    report: str\n", "")
     )
     main, steps = pipeline(tmp_path)
     problems = violations(main, *steps["subflow/subflow"])

@@ -94,9 +94,7 @@ def test_ten_concurrent_runs_never_mix_their_outputs(stack, serve):
     sources = {i: serve(f"part{i}.csv", to_csv(rows[i::10])) for i in range(10)}
     runs = {i: stack.start("main-flow/main", source=url) for i, url in sources.items()}  # at once
     finished = {i: stack.wait_final(run.id, timeout=900) for i, run in runs.items()}
-    assert all(run.state.is_completed() for run in finished.values()), {
-        i: r.state for i, r in finished.items()
-    }
+    assert all(run.state.is_completed() for run in finished.values()), {i: r.state for i, r in finished.items()}
     children = set()
     with stack.api() as client:
         for i, run in finished.items():
@@ -153,9 +151,7 @@ def test_a_missing_or_corrupt_stored_input_fails_before_any_step(stack):
     corrupt = stack.run("main-flow/main", data={**data, "sha256": "0" * 64})
     assert_failed_cleanly(stack, corrupt, f"stored object corrupt: {data['uri']} does not match its sha256")
     missing = {**data, "uri": data["uri"].replace(str(done.id), "0" * 8)}
-    assert_failed_cleanly(
-        stack, stack.run("main-flow/main", data=missing), f"stored object missing: {missing['uri']}"
-    )
+    assert_failed_cleanly(stack, stack.run("main-flow/main", data=missing), f"stored object missing: {missing['uri']}")
 
 
 @pytest.mark.parametrize(
@@ -178,9 +174,7 @@ def test_wrong_parameters_are_rejected_before_any_run(stack, parameters):
 
 
 def test_the_cli_names_a_rejected_parameter(stack):
-    cli = stack.sh(
-        PREFECT, "deployment", "run", "main-flow/main", "--param", "poll_interval_s=0.01", check=False
-    )
+    cli = stack.sh(PREFECT, "deployment", "run", "main-flow/main", "--param", "poll_interval_s=0.01", check=False)
     assert cli.returncode != 0 and "poll_interval_s" in cli.stdout + cli.stderr
 
 

@@ -43,9 +43,7 @@ def restore(stack):
 
 
 def test_redeploy_one_component_leaves_the_others_alone(stack, restore, tmp_path, capsys):
-    before = {
-        name: stack.deployment(name) for name in ("main-flow/main", "validate/validate", "subflow/subflow")
-    }
+    before = {name: stack.deployment(name) for name in ("main-flow/main", "validate/validate", "subflow/subflow")}
     seconds, _ = stack.deploy("subflow", cwd=changed_subflow(tmp_path, "v2"))
     with capsys.disabled():
         print(f"\n[measure] prefect deploy --name subflow after a one-line change: {seconds:.1f}s")
@@ -157,9 +155,7 @@ def test_replay_runs_the_old_images_on_the_old_input(stack, restore, tmp_path):
     for name, result in output["results"].items():
         assert result["image"] == old_output["results"][name]["image"]
         assert result["summary"] == old_output["results"][name]["summary"]
-    assert (
-        output["results"]["subflow/subflow"]["report"] == old_output["results"]["subflow/subflow"]["report"]
-    )
+    assert output["results"]["subflow/subflow"]["report"] == old_output["results"]["subflow/subflow"]["report"]
     assert not stack.exists(f"{stack.data_url()}/runs/{new_id}/input.parquet")
     latest = stack.run("main-flow/main")  # while a new run gets the new subflow
     assert stack.output(latest)["results"]["subflow/subflow"]["report"].startswith("### v2 ")
@@ -173,9 +169,7 @@ def test_scaffold_a_component_deploy_it_and_the_pipeline_runs_it(stack, tmp_path
     again = stack.sh(sys.executable, "tools/component.py", "enrich", cwd=project, check=False)
     assert again.returncode != 0 and "'enrich' is taken" in again.stderr
     steps = next(
-        d
-        for d in yaml.safe_load((project / "prefect.yaml").read_text())["deployments"]
-        if d["name"] == "main"
+        d for d in yaml.safe_load((project / "prefect.yaml").read_text())["deployments"] if d["name"] == "main"
     )
     assert steps["parameters"]["steps"][-1] == "enrich/enrich"
 

@@ -56,9 +56,7 @@ class Engine:
         )
         if check and proc.returncode != 0:
             output = f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-            raise AssertionError(
-                f"docker {' '.join(args)} on the second engine exited {proc.returncode}\n{output}"
-            )
+            raise AssertionError(f"docker {' '.join(args)} on the second engine exited {proc.returncode}\n{output}")
         return proc
 
     def stop(self) -> None:
@@ -67,9 +65,7 @@ class Engine:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.process.kill()
-        subprocess.run(
-            ["umount", str(self.root / "exec" / "netns" / "default")], check=False, capture_output=True
-        )
+        subprocess.run(["umount", str(self.root / "exec" / "netns" / "default")], check=False, capture_output=True)
         subprocess.run(["ip", "link", "delete", BRIDGE], check=False, capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -193,9 +189,7 @@ def test_a_worker_that_cannot_reach_the_api_fails_fast_with_the_cause(remote_wor
         up = subprocess.run(
             [*compose, "up", "-d", "--wait"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
         )
-        logs = subprocess.run(
-            [*compose, "logs", "setup"], cwd=ROOT, env=env, capture_output=True, text=True
-        ).stdout
+        logs = subprocess.run([*compose, "logs", "setup"], cwd=ROOT, env=env, capture_output=True, text=True).stdout
     finally:
         subprocess.run([*compose, "down", "-v"], cwd=ROOT, env=env, capture_output=True, timeout=300)
     assert up.returncode != 0 and 'service "setup" didn\'t complete successfully' in up.stderr
@@ -224,17 +218,13 @@ def test_the_deployments_render_for_a_kubernetes_work_pool(stack, tmp_path):
             for name in ("main-flow/main", "validate/validate", "subflow/subflow"):
                 deployment = client.read_deployment_by_name(name)
                 assert deployment.work_pool_name == pool
-                run = FlowRun(
-                    id=uuid.uuid4(), name="rendered", flow_id=deployment.flow_id, deployment_id=deployment.id
-                )
+                run = FlowRun(id=uuid.uuid4(), name="rendered", flow_id=deployment.flow_id, deployment_id=deployment.id)
                 job = asyncio.run(render(stack, template, deployment, run))
                 container = job["spec"]["template"]["spec"]["containers"][0]
                 env = {e["name"]: e.get("value") for e in container["env"]}
                 assert container["image"] == deployment.job_variables["image"]
                 assert container["args"] == docker_template["command"].split()
-                assert env["PIPELINE_DATA_URL"] == "s3://pipeline/data" and env[
-                    "PREFECT__FLOW_RUN_ID"
-                ] == str(run.id)
+                assert env["PIPELINE_DATA_URL"] == "s3://pipeline/data" and env["PREFECT__FLOW_RUN_ID"] == str(run.id)
     finally:
         stack.deploy()  # back on the docker pools
         stack.sh(PREFECT, "work-pool", "delete", pool)

@@ -55,9 +55,7 @@ def test_a_run_cannot_widen_the_pool_template(stack, stored_input):
         "network_mode": "host",
         "container_create_kwargs": {"cap_add": ["SYS_ADMIN"], "user": "root"},
     }
-    run = stack.start(
-        "subflow/subflow", job_variables=unsafe, data=stored_input, out=f"{stack.data_url()}/runs/x/s"
-    )
+    run = stack.start("subflow/subflow", job_variables=unsafe, data=stored_input, out=f"{stack.data_url()}/runs/x/s")
     info = inspect(stack, run.id)
     host = info["HostConfig"]
     assert (
@@ -65,9 +63,7 @@ def test_a_run_cannot_widen_the_pool_template(stack, stored_input):
         and not host["CapAdd"]
         and info["Config"]["User"] == f"{SETTINGS['FLOW_UID']}:{SETTINGS['FLOW_UID']}"
     )
-    assert (
-        host["Binds"] == [f"{stack.project}_data:/data"] and host["NetworkMode"] == f"{stack.project}_default"
-    )
+    assert host["Binds"] == [f"{stack.project}_data:/data"] and host["NetworkMode"] == f"{stack.project}_default"
     assert info["Config"]["Cmd"] == ["python", "-m", "prefect.engine"]
     assert stack.wait_final(run.id).state.is_completed()
 
@@ -76,10 +72,7 @@ def test_the_api_refuses_requests_without_the_auth_string(stack):
     assert httpx.get(f"{stack.api_url}/health").status_code == 200  # probes need no credentials
     assert httpx.get(f"{stack.api_url}/admin/version").status_code == 401
     wrong = base64.b64encode(b"admin:wrong").decode()
-    assert (
-        httpx.get(f"{stack.api_url}/admin/version", headers={"Authorization": f"Basic {wrong}"}).status_code
-        == 401
-    )
+    assert httpx.get(f"{stack.api_url}/admin/version", headers={"Authorization": f"Basic {wrong}"}).status_code == 401
     cli = stack.sh(PREFECT, "deployment", "ls", check=False, PREFECT_API_AUTH_STRING="admin:wrong")
     assert cli.returncode != 0 and "401" in cli.stdout + cli.stderr
 
@@ -128,9 +121,7 @@ def test_a_registry_that_refuses_credentials_crashes_the_run_with_the_cause(stac
 def test_no_secret_in_images_templates_or_deployments(stack):
     secrets = [stack.secret(name) for name in ("api-auth-string", "postgres-password", "registry-password")]
     with stack.api() as client:
-        pools = [
-            client.read_work_pool(stack.env()[p]).base_job_template for p in ("FLOW_POOL", "SUBFLOW_POOL")
-        ]
+        pools = [client.read_work_pool(stack.env()[p]).base_job_template for p in ("FLOW_POOL", "SUBFLOW_POOL")]
         deployments = [d.model_dump(mode="json") for d in client.read_deployments()]
     images = [d["job_variables"]["image"] for d in deployments] + [
         f"{stack.project}/worker:{stack.env()['PREFECT_VERSION']}"

@@ -31,9 +31,7 @@ def generate(directory: Path) -> dict[str, str]:
     if not all((directory / name).exists() for name in ("registry-password", "registry-htpasswd")):
         password = secrets.token_urlsafe(24)  # the password and its hash only ever change together
         new["registry-password"] = password
-        new["registry-htpasswd"] = (
-            f"{REGISTRY_USER}:{bcrypt.hashpw(password.encode(), bcrypt.gensalt()).decode()}"
-        )
+        new["registry-htpasswd"] = f"{REGISTRY_USER}:{bcrypt.hashpw(password.encode(), bcrypt.gensalt()).decode()}"
     return new
 
 

@@ -57,9 +57,7 @@ def registry_tags(repository: str) -> dict[str, str]:
 
 def read_deployment(client: Any, component: str) -> Any:
     """The registered deployment of a component."""
-    found = client.read_deployments(
-        deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[component]))
-    )
+    found = client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[component])))
     if not found:
         sys.exit(f"error: deployment {component!r} is not registered; run prefect deploy first")
     return found[0]

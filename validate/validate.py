@@ -93,9 +93,7 @@ def to_pandera(schema: dict[str, ColumnRule]) -> pa.DataFrameSchema:
             checks.append(pa.Check.le(rule["max"]))
         if "allowed" in rule:
             checks.append(pa.Check.isin(rule["allowed"]))
-        columns[name] = pa.Column(
-            DTYPES[rule["type"]], checks, coerce=True, nullable=rule.get("nullable", False)
-        )
+        columns[name] = pa.Column(DTYPES[rule["type"]], checks, coerce=True, nullable=rule.get("nullable", False))
     return pa.DataFrameSchema(columns)
 
 
