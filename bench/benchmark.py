@@ -11,8 +11,9 @@ components on process workers (bench/compose.baseline.yml, bench/prefect.yaml). 
               is the three serial hops' sum
   latency     trigger to completed of one pipeline run and its hops, designs alternating run by
               run; ratios to the floor and to the process baseline
-  cpu         CPU-seconds per pipeline run: flow processes (each reports its own), workers,
-              server, Postgres (cgroup accounting through the Docker API), dockerd and containerd
+  cpu         CPU-seconds per pipeline run under load (--runs started at once): flow processes
+              (each reports its own), workers, server, Postgres (cgroup accounting through the
+              Docker API), dockerd and containerd; and the stack's idle CPU per second
   sizes       1k to 10M random rows over HTTP, file and S3 store (docker design): trigger to
               completed and each flow container's peak memory; a chart, bench/sizes.png
   throughput  N pipeline runs created at once: wall time, all correct, 503s in the server log
@@ -219,16 +220,18 @@ def daemon_cpu() -> float:
     return total
 
 
-def cpu(runs: int) -> dict[str, Any]:
-    """CPU-seconds per pipeline run, by where it was spent, each design in a block of its own."""
+def cpu(runs: int, idle_s: float = 30) -> dict[str, Any]:
+    """CPU-seconds per pipeline run, by where it was spent, under load: each design starts `runs`
+    pipelines at once in a block of its own. Plus what the stack burns idle, per second."""
     services = {
         "docker": ["prefect-server", "postgres", "worker-flow", "worker-subflow"],
         "process": ["prefect-server", "postgres", *(f"process-{c}" for c in COMPONENTS)],
     }
-    result = {}
+    result: dict[str, Any] = {}
     for design, deployment in DESIGNS.items():
         before, daemon = container_cpu(), daemon_cpu()
-        outputs = [BENCH.output(BENCH.run(deployment)) for _ in range(runs)]
+        started = [BENCH.start(deployment).id for _ in range(runs)]
+        outputs = [BENCH.output(BENCH.wait_final(run_id, timeout=3600)) for run_id in started]
         after, daemon = container_cpu(), daemon_cpu() - daemon
         per_run = {s: (after[s] - before[s]) / runs for s in services[design]}
         if design == "docker":  # flow processes report their own; process flows are in their workers
@@ -238,6 +241,11 @@ def cpu(runs: int) -> dict[str, Any]:
             per_run["dockerd and containerd"] = daemon / runs
         per_run["total"] = sum(per_run.values())
         result[design] = per_run
+    before, daemon, started = container_cpu(), daemon_cpu(), time.monotonic()
+    time.sleep(idle_s)  # a measurement window, not a wait for anything
+    after, daemon, seconds = container_cpu(), daemon_cpu() - daemon, time.monotonic() - started
+    idle = {s: (after[s] - before[s]) / seconds for s in dict.fromkeys(services["docker"] + services["process"])}
+    result["idle per second"] = {**idle, "dockerd and containerd": daemon / seconds}
     return result
 
 
@@ -344,10 +352,11 @@ def report(results: dict[str, Any]) -> str:
         lines.append("")
     if "cpu" in results:
         c = results["cpu"]
-        lines += ["| CPU-seconds per pipeline run | docker | process |", "| --- | --- | --- |"]
+        lines += ["| CPU-seconds per pipeline run, under load | docker | process |", "| --- | --- | --- |"]
         for key in dict.fromkeys([*c["docker"], *c["process"]]):
             lines.append(f"| {key} | {c['docker'].get(key, 0):.2f} | {c['process'].get(key, 0):.2f} |")
-        lines.append("")
+        idle = ", ".join(f"{k} {v:.3f}" for k, v in c["idle per second"].items())
+        lines += ["", f"idle, CPU-seconds per second: {idle}", ""]
     if "throughput" in results:
         lines += ["| runs at once | docker: wall (s), correct, 503s | process: the same | docker/process |"]
         lines.append("| --- | --- | --- | --- |")
@@ -432,7 +441,7 @@ def main() -> None:
         stages = [
             ("floor", lambda: floor(max(args.runs, 3))),
             ("latency", lambda: latency(args.runs)),
-            ("cpu", lambda: cpu(args.runs)),
+            ("cpu", lambda: cpu(args.runs, idle_s=5 if args.smoke else 30)),
             ("sizes", lambda: sizes(args.rows, args.size_runs)),
             ("throughput", lambda: throughput(args.concurrency)),
             ("redeploy", lambda: redeploy(args.redeploys)),

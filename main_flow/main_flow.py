@@ -1,6 +1,7 @@
 """Main flow: load a CSV into the data store as Parquet, run the pipeline's steps on it by
 reference, and store the pipeline output next to it."""
 
+import asyncio
 import hashlib
 import io
 import ipaddress
@@ -14,7 +15,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO
+from uuid import UUID
 
+import anyio
 import fsspec
 import httpx
 import pyarrow as pa
@@ -26,9 +29,12 @@ from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
+from prefect.events.clients import get_events_subscriber
+from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Cancelling
+from prefect.utilities.asyncutils import run_coro_as_sync
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode
 from typing_extensions import TypedDict  # pydantic needs it for parameters on Python 3.11
@@ -50,6 +56,8 @@ class DataRef(TypedDict):
 STEP_RESULT: dict[str, type] = {"output": dict, "summary": list, "report": str, "image": str}
 StepName = Annotated[str, Field(pattern=r"^[\w.-]+/[\w.-]+$")]
 MAX_REDIRECTS = 5
+SAFETY_READ_S = 5.0  # reads of the steps' runs besides the event stream, should an event be lost
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 CHUNK = 1 << 20
 
 
@@ -89,7 +97,6 @@ def main_flow(
     max_bytes: Annotated[int, Field(ge=1)] = 4 << 30,
     fetch_timeout_s: Annotated[float, Field(ge=1)] = 1800.0,
     step_timeout_s: Annotated[float, Field(ge=1)] = 1800.0,
-    poll_interval_s: Annotated[float, Field(ge=0.1)] = 0.5,
 ) -> dict[str, Any]:
     """Load `source` into the store and run `steps` on it; `data` and `images` replay a past run."""
     settings = Settings()
@@ -104,7 +111,7 @@ def main_flow(
     results: dict[str, dict[str, Any]] = {}
     current = data
     for group in groups:
-        done = run_group(group, current, run_dir, images or {}, step_timeout_s, poll_interval_s)
+        done = run_group(group, current, run_dir, images or {}, step_timeout_s)
         results.update(done)
         current = done[group[0]]["output"]  # after a parallel group, its first step's output
     output = {
@@ -363,11 +370,10 @@ def run_group(
     run_dir: str,
     images: dict[str, str],
     timeout_s: float,
-    poll_s: float,
 ) -> dict[str, dict[str, Any]]:
     """Run the steps of a group at once on `data`; their results by deployment name."""
     started = {name: start_step(name, data, f"{run_dir}/{name.split('/')[1]}", images.get(name)) for name in group}
-    finished = wait_for_runs(started, timeout_s, poll_s)
+    finished = wait_for_runs(started, timeout_s)
     failed = [
         f"step {name} (run {run.name!r}) ended {run.state.name}: {run.state.message}"
         for name, run in finished.items()
@@ -393,20 +399,38 @@ def start_step(name: str, data: DataRef, out: str, image: str | None) -> FlowRun
         ) from exc
 
 
-def wait_for_runs(runs: dict[str, FlowRun], timeout_s: float, poll_s: float) -> dict[str, FlowRun]:
-    """Poll the runs until every one is final; cancel and fail at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    with get_client(sync_client=True) as client:
+def wait_for_runs(runs: dict[str, FlowRun], timeout_s: float) -> dict[str, FlowRun]:
+    """Wait until every run is final; cancel the rest and fail at the deadline."""
+    names = {run.id: name for name, run in runs.items()}
+    finished = run_coro_as_sync(until_final(list(names), time.monotonic() + timeout_s))
+    waiting = [run for run in finished if not final(run)]
+    if waiting:
+        with get_client(sync_client=True) as client:
+            for run in waiting:
+                cancel(client, run, f"main flow stopped waiting after {timeout_s}s")
+        raise PipelineError("; ".join(not_finished(run, timeout_s) for run in waiting))
+    return {names[run.id]: run for run in finished}
+
+
+async def until_final(ids: list[UUID], deadline: float) -> list[FlowRun]:
+    """Read the runs whenever the server's event stream reports a state of one of them (and every
+    few seconds besides) until all are final or the deadline passes: no polling interval to wait out."""
+    states = EventFilter(
+        event=EventNameFilter(prefix=["prefect.flow-run."]),
+        resource=EventResourceFilter(id=[f"prefect.flow-run.{run_id}" for run_id in ids]),
+    )
+    async with get_client() as client, get_events_subscriber(filter=states) as events:
+        stream, soon = aiter(events), False
         while True:
-            runs = {n: r if final(r) else client.read_flow_run(r.id) for n, r in runs.items()}
-            waiting = [r for r in runs.values() if not final(r)]
-            if not waiting:
+            runs = await asyncio.gather(*(client.read_flow_run(run_id) for run_id in ids))
+            left = deadline - time.monotonic()
+            if all(final(run) for run in runs) or left <= 0:
                 return runs
-            if time.monotonic() > deadline:
-                for run in waiting:
-                    cancel(client, run, f"main flow stopped waiting after {timeout_s}s")
-                raise PipelineError("; ".join(not_finished(run, timeout_s) for run in waiting))
-            time.sleep(poll_s)
+            with anyio.move_on_after(0.1 if soon else min(SAFETY_READ_S, left)):
+                soon = False
+                event = await anext(stream)
+                # A final state's event can come before reads show it: then read again soon.
+                soon = event.resource.get("prefect.state-type") in FINAL
 
 
 def not_finished(run: FlowRun, timeout_s: float) -> str:

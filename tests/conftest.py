@@ -37,7 +37,10 @@ def stack():
             pytest.fail("CI=true but no Docker engine is reachable: the e2e tests must run")
         pytest.skip("no Docker engine reachable")
     user = Stack.user()
-    before = user.snapshot() if user.running() else None
+    try:
+        before = user.snapshot() if user.running() else None
+    except Exception as exc:  # e.g. 401: the stack on the user's port belongs to another clone
+        pytest.fail(f"cannot read the user's stack at {user.api_url} with .secrets/{user.project}/: {exc}")
     if before is None and CI:
         pytest.fail("CI=true: bring the user's stack up first (make pipeline), so the suite proves it stays untouched")
     DATA.chmod(0o755)

@@ -159,7 +159,7 @@ def test_a_missing_or_corrupt_stored_input_fails_before_any_step(stack):
     [
         {"step_timeout_s": "abc"},
         {"step_timeout_s": 0},
-        {"poll_interval_s": 0.01},
+        {"fetch_timeout_s": 0.5},
         {"max_bytes": 0},
         {"steps": ["not a deployment"]},
     ],
@@ -174,8 +174,8 @@ def test_wrong_parameters_are_rejected_before_any_run(stack, parameters):
 
 
 def test_the_cli_names_a_rejected_parameter(stack):
-    cli = stack.sh(PREFECT, "deployment", "run", "main-flow/main", "--param", "poll_interval_s=0.01", check=False)
-    assert cli.returncode != 0 and "poll_interval_s" in cli.stdout + cli.stderr
+    cli = stack.sh(PREFECT, "deployment", "run", "main-flow/main", "--param", "step_timeout_s=0", check=False)
+    assert cli.returncode != 0 and "step_timeout_s" in cli.stdout + cli.stderr
 
 
 def history(stack) -> dict[str, int]:
