@@ -11,9 +11,10 @@ components on process workers (bench/compose.baseline.yml, bench/prefect.yaml). 
               is the three serial hops' sum
   latency     trigger to completed of one pipeline run and its hops, designs alternating run by
               run; ratios to the floor and to the process baseline
-  cpu         CPU-seconds per pipeline run under load (--runs started at once): flow processes
-              (each reports its own), workers, server, Postgres (cgroup accounting through the
-              Docker API), dockerd and containerd; and the stack's idle CPU per second
+  cpu         CPU-seconds per pipeline run, --runs one at a time and --runs at once: flow
+              processes (each reports its own), workers, server, Postgres (cgroup accounting
+              through the Docker API), dockerd and containerd; and the stack's idle CPU per second
+  polling     latency and the server's idle CPU at other worker query intervals (--intervals)
   sizes       1k to 10M random rows over HTTP, file and S3 store (docker design): trigger to
               completed and each flow container's peak memory; a chart, bench/sizes.png
   throughput  N pipeline runs created at once: wall time, all correct, 503s in the server log
@@ -220,32 +221,62 @@ def daemon_cpu() -> float:
     return total
 
 
+SERVICES = {
+    "docker": ["prefect-server", "postgres", "worker-flow", "worker-subflow"],
+    "process": ["prefect-server", "postgres", *(f"process-{c}" for c in COMPONENTS)],
+}
+
+
 def cpu(runs: int, idle_s: float = 30) -> dict[str, Any]:
-    """CPU-seconds per pipeline run, by where it was spent, under load: each design starts `runs`
-    pipelines at once in a block of its own. Plus what the stack burns idle, per second."""
-    services = {
-        "docker": ["prefect-server", "postgres", "worker-flow", "worker-subflow"],
-        "process": ["prefect-server", "postgres", *(f"process-{c}" for c in COMPONENTS)],
-    }
+    """CPU-seconds per pipeline run, by where it was spent: `runs` pipelines one at a time, then
+    `runs` at once, each design in a block of its own. Plus what the stack burns idle, per second."""
     result: dict[str, Any] = {}
-    for design, deployment in DESIGNS.items():
-        before, daemon = container_cpu(), daemon_cpu()
-        started = [BENCH.start(deployment).id for _ in range(runs)]
-        outputs = [BENCH.output(BENCH.wait_final(run_id, timeout=3600)) for run_id in started]
-        after, daemon = container_cpu(), daemon_cpu() - daemon
-        per_run = {s: (after[s] - before[s]) / runs for s in services[design]}
-        if design == "docker":  # flow processes report their own; process flows are in their workers
-            per_run["flow containers"] = statistics.mean(
-                o["cpu_seconds"] + sum(r["cpu_seconds"] for r in o["results"].values()) for o in outputs
-            )
-            per_run["dockerd and containerd"] = daemon / runs
-        per_run["total"] = sum(per_run.values())
-        result[design] = per_run
+    for mode in ("one at a time", "at once"):
+        for design, deployment in DESIGNS.items():
+            before, daemon = container_cpu(), daemon_cpu()
+            if mode == "at once":
+                started = [BENCH.start(deployment).id for _ in range(runs)]
+                outputs = [BENCH.output(BENCH.wait_final(run_id, timeout=3600)) for run_id in started]
+            else:
+                outputs = [BENCH.output(BENCH.run(deployment)) for _ in range(runs)]
+            after, daemon = container_cpu(), daemon_cpu() - daemon
+            per_run = {s: (after[s] - before[s]) / runs for s in SERVICES[design]}
+            if design == "docker":  # flow processes report their own; process flows are in their workers
+                per_run["flow containers"] = statistics.mean(
+                    o["cpu_seconds"] + sum(r["cpu_seconds"] for r in o["results"].values()) for o in outputs
+                )
+                per_run["dockerd and containerd"] = daemon / runs
+            per_run["total"] = sum(per_run.values())
+            result.setdefault(mode, {})[design] = per_run
+    result["idle per second"] = idle_cpu(idle_s)
+    return result
+
+
+def idle_cpu(seconds: float) -> dict[str, float]:
+    """CPU-seconds per second of every service, and of the Docker daemons, with no run anywhere."""
     before, daemon, started = container_cpu(), daemon_cpu(), time.monotonic()
-    time.sleep(idle_s)  # a measurement window, not a wait for anything
+    time.sleep(seconds)  # a measurement window, not a wait for anything
     after, daemon, seconds = container_cpu(), daemon_cpu() - daemon, time.monotonic() - started
-    idle = {s: (after[s] - before[s]) / seconds for s in dict.fromkeys(services["docker"] + services["process"])}
-    result["idle per second"] = {**idle, "dockerd and containerd": daemon / seconds}
+    idle = {s: (after[s] - before[s]) / seconds for s in dict.fromkeys(SERVICES["docker"] + SERVICES["process"])}
+    return {**idle, "dockerd and containerd": daemon / seconds}
+
+
+def polling(runs: int, intervals: list[float], idle_s: float = 30) -> dict[str, Any]:
+    """The worker query interval's price: latency of both designs (all workers poll) and the
+    server's idle CPU, at each interval besides .env's. The workers go back to .env's after."""
+    workers = [*SERVICES["docker"][2:], *SERVICES["process"][2:]]
+    result = {}
+    try:
+        for interval in intervals:
+            BENCH.overrides["PREFECT_WORKER_QUERY_SECONDS"] = str(interval)
+            BENCH.compose("up", "-d", "--wait", *workers, timeout=600)  # recreated with the new interval
+            measured = latency(runs)
+            result[str(interval)] = {design: measured[design]["trigger to completed"] for design in DESIGNS} | {
+                "idle server CPU per second": idle_cpu(idle_s)["prefect-server"]
+            }
+    finally:
+        BENCH.overrides.pop("PREFECT_WORKER_QUERY_SECONDS", None)
+        BENCH.compose("up", "-d", "--wait", *workers, timeout=600)
     return result
 
 
@@ -352,11 +383,33 @@ def report(results: dict[str, Any]) -> str:
         lines.append("")
     if "cpu" in results:
         c = results["cpu"]
-        lines += ["| CPU-seconds per pipeline run, under load | docker | process |", "| --- | --- | --- |"]
-        for key in dict.fromkeys([*c["docker"], *c["process"]]):
-            lines.append(f"| {key} | {c['docker'].get(key, 0):.2f} | {c['process'].get(key, 0):.2f} |")
+        lines += [
+            "| CPU-seconds per pipeline run | docker, one at a time | process, one at a time "
+            "| docker, at once | process, at once |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        one, many = c["one at a time"], c["at once"]
+        keys = [k for k in dict.fromkeys([*one["docker"], *one["process"]]) if k != "total"] + ["total"]
+        for key in keys:
+            cells = [f"{by[d][key]:.2f}" if key in by[d] else "-" for by in (one, many) for d in DESIGNS]
+            lines.append(f"| {key} | {' | '.join(cells)} |")
         idle = ", ".join(f"{k} {v:.3f}" for k, v in c["idle per second"].items())
         lines += ["", f"idle, CPU-seconds per second: {idle}", ""]
+    if "polling" in results:
+        lines += [
+            "| worker query interval (s) | trigger to completed: docker | process | idle server CPU/s |",
+            "| --- | --- | --- | --- |",
+        ]
+        rows = dict(results["polling"])
+        if "latency" in results and "cpu" in results:
+            rows[SETTINGS["PREFECT_WORKER_QUERY_SECONDS"] + " (.env)"] = {
+                **{d: results["latency"][d]["trigger to completed"] for d in DESIGNS},
+                "idle server CPU per second": results["cpu"]["idle per second"]["prefect-server"],
+            }
+        for interval, row in sorted(rows.items(), key=lambda item: float(item[0].split()[0])):
+            cells = f"{fmt(row['docker'])} | {fmt(row['process'])} | {row['idle server CPU per second']:.3f}"
+            lines.append(f"| {interval} | {cells} |")
+        lines.append("")
     if "throughput" in results:
         lines += ["| runs at once | docker: wall (s), correct, 503s | process: the same | docker/process |"]
         lines.append("| --- | --- | --- | --- |")
@@ -424,6 +477,7 @@ def main() -> None:
     parser.add_argument("--size-runs", type=int, default=3)
     parser.add_argument("--concurrency", type=int, nargs="*", default=[10, 50])
     parser.add_argument("--redeploys", type=int, default=3)
+    parser.add_argument("--intervals", type=float, nargs="*", default=[0.25, 1.0], help="worker query intervals")
     parser.add_argument("--smoke", action="store_true", help="one run of each figure, 1,000 rows, 2 at once")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
     parser.add_argument("--chart", type=Path, default=ROOT / "bench" / "sizes.png")
@@ -431,6 +485,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.runs, args.rows, args.size_runs, args.concurrency, args.redeploys = 1, [1_000], 1, [2], 1
+        args.intervals = [1.0]
 
     setup()
     results: dict[str, Any] = {
@@ -442,6 +497,7 @@ def main() -> None:
             ("floor", lambda: floor(max(args.runs, 3))),
             ("latency", lambda: latency(args.runs)),
             ("cpu", lambda: cpu(args.runs, idle_s=5 if args.smoke else 30)),
+            ("polling", lambda: polling(args.runs, args.intervals, idle_s=5 if args.smoke else 30)),
             ("sizes", lambda: sizes(args.rows, args.size_runs)),
             ("throughput", lambda: throughput(args.concurrency)),
             ("redeploy", lambda: redeploy(args.redeploys)),

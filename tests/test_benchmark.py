@@ -20,7 +20,8 @@ def test_benchmark_smoke(stack, tmp_path):
         hops = results["latency"][design]
         assert 0 < hops["subflow: running to completed"]["median"] < hops["trigger to completed"]["median"]
         assert results["throughput"]["2"][design]["correct"] == 2
-        assert results["cpu"][design]["total"] > 0
+        assert results["cpu"]["one at a time"][design]["total"] > 0 < results["cpu"]["at once"][design]["total"]
+        assert results["polling"]["1.0"][design]["median"] > 0
     assert all(sample["correct"] for store in results["sizes"].values() for s in store.values() for sample in s)
     assert results["redeploy"]["median"] > 0
     assert "| trigger to completed |" in proc.stdout and chart.stat().st_size > 10_000
