@@ -309,7 +309,8 @@ def sizes(rows: list[int], runs: int) -> dict[str, Any]:
                         }
                         if output
                         else {},
-                        "input_mb": output["input"]["bytes"] / 2**20 if output else None,
+                        "csv_mb": (DATA / f"rows{n}.csv").stat().st_size / 2**20,
+                        "parquet_mb": output["input"]["bytes"] / 2**20 if output else None,
                     }
                 )
             result.setdefault(store, {})[n] = samples
@@ -419,14 +420,16 @@ def report(results: dict[str, Any]) -> str:
             lines.append(f"| {n} | {cells[0]} | {cells[1]} | {d['wall'] / p['wall']:.2f} |")
         lines.append("")
     if "sizes" in results:
-        lines += ["| rows | store | input (MB) | trigger to completed (s) | peak MB: main, validate, subflow | ok |"]
+        lines += [
+            "| rows | store | CSV, Parquet (MB) | trigger to completed (s) | peak MB: main, validate, subflow | ok |"
+        ]
         lines.append("| --- | --- | --- | --- | --- | --- |")
         for store, by_rows in results["sizes"].items():
             for n, samples in by_rows.items():
                 done = [s for s in samples if s["seconds"] is not None]
                 seconds = fmt(spread([s["seconds"] for s in done]), 1) if done else "failed"
                 peak = ", ".join(f"{max(s['peak_mb'][c] for s in done):.0f}" for c in COMPONENTS) if done else "-"
-                mb = f"{done[0]['input_mb']:.1f}" if done else "-"
+                mb = f"{done[0]['csv_mb']:.1f}, {done[0]['parquet_mb']:.1f}" if done else "-"
                 ok = f"{sum(s['correct'] for s in samples)}/{len(samples)}"
                 lines.append(f"| {int(n):,} | {store} | {mb} | {seconds} | {peak} | {ok} |")
         lines.append("")
