@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/benchmark.py            # make bench: every figure (about 90 minutes)
     .venv/bin/python bench/benchmark.py --smoke    # one run of each figure, small (CI)
+    .venv/bin/python bench/benchmark.py --stages latency cpu --before <git ref>   # before/after
 
 The stack is a compose project of its own (tests/harness.py), plus the baseline: the same
 components on process workers (bench/compose.baseline.yml, bench/prefect.yaml). Figures:
@@ -10,7 +11,8 @@ components on process workers (bench/compose.baseline.yml, bench/prefect.yaml). 
               prefect.engine and the component's module (its heavy imports); the pipeline's floor
               is the three serial hops' sum
   latency     trigger to completed of one pipeline run and its hops, designs alternating run by
-              run; ratios to the floor and to the process baseline
+              run; ratios to the floor and to the process baseline; with --before REF, also
+              the main flow as of git REF, for a before/after in one run (latency and cpu)
   cpu         CPU-seconds per pipeline run, --runs one at a time and --runs at once: flow
               processes (each reports its own), workers, server, Postgres (cgroup accounting
               through the Docker API), dockerd and containerd; and the stack's idle CPU per second
@@ -24,9 +26,13 @@ Prints medians (min-max) and ratios as markdown tables, and writes every sample 
 """
 
 import argparse
+import io
 import json
+import shutil
 import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -49,6 +55,7 @@ from harness import (  # noqa: E402
 from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolUpdate  # noqa: E402
 
 DESIGNS = {"docker": "main-flow/main", "process": "main-flow/main-process"}
+BEFORE = {}  # with --before REF: {"before": "main-flow/before"}, the main flow as of git REF
 POOLS = {
     "BASELINE_FLOW_POOL": "flow-process",
     "BASELINE_VALIDATE_POOL": "validate-process",
@@ -103,6 +110,20 @@ def setup() -> None:
         for limit, pools in limits.items():
             for pool in pools:
                 client.update_work_pool(pool, WorkPoolUpdate(concurrency_limit=int(limit)))
+
+
+def deploy_before(ref: str) -> None:
+    """The main flow as of git `ref` (today's steps and pools), deployed beside today's as main-flow/before."""
+    with tempfile.TemporaryDirectory() as tmp:
+        project = project_copy(Path(tmp))
+        archive = subprocess.run(["git", "archive", ref, "main_flow"], cwd=ROOT, capture_output=True, check=True)
+        shutil.rmtree(project / "main_flow")
+        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+            tar.extractall(project, filter="data")
+        config = project / "prefect.yaml"
+        config.write_text(config.read_text().replace("    name: main\n", "    name: before\n", 1))
+        BENCH.deploy("before", cwd=project)
+    BEFORE["before"] = "main-flow/before"
 
 
 def serve(name: str, rows: int) -> str:
@@ -178,12 +199,12 @@ def correct(run: Any, summary: list[dict[str, Any]] | None = None) -> bool:
     return [(g["species"], g["count"]) for g in result["summary"]] == [(g["species"], g["count"]) for g in summary]
 
 
-def latency(runs: int) -> dict[str, Any]:
-    samples: dict[str, list[dict[str, float]]] = {design: [] for design in DESIGNS}
-    for deployment in DESIGNS.values():  # warm-up: first image pulls, caches
+def latency(runs: int, designs: dict[str, str] = DESIGNS) -> dict[str, Any]:
+    samples: dict[str, list[dict[str, float]]] = {design: [] for design in designs}
+    for deployment in designs.values():  # warm-up: first image pulls, caches
         BENCH.run(deployment)
     for _ in range(runs):
-        for design, deployment in DESIGNS.items():
+        for design, deployment in designs.items():
             run = BENCH.run(deployment)
             assert correct(run), (design, run.state)
             samples[design].append(hops(run))
@@ -225,6 +246,7 @@ SERVICES = {
     "docker": ["prefect-server", "postgres", "worker-flow", "worker-subflow"],
     "process": ["prefect-server", "postgres", *(f"process-{c}" for c in COMPONENTS)],
 }
+SERVICES["before"] = SERVICES["docker"]
 
 
 def cpu(runs: int, idle_s: float = 30) -> dict[str, Any]:
@@ -232,7 +254,7 @@ def cpu(runs: int, idle_s: float = 30) -> dict[str, Any]:
     `runs` at once, each design in a block of its own. Plus what the stack burns idle, per second."""
     result: dict[str, Any] = {}
     for mode in ("one at a time", "at once"):
-        for design, deployment in DESIGNS.items():
+        for design, deployment in {**DESIGNS, **BEFORE}.items():
             before, daemon = container_cpu(), daemon_cpu()
             if mode == "at once":
                 started = [BENCH.start(deployment).id for _ in range(runs)]
@@ -241,7 +263,7 @@ def cpu(runs: int, idle_s: float = 30) -> dict[str, Any]:
                 outputs = [BENCH.output(BENCH.run(deployment)) for _ in range(runs)]
             after, daemon = container_cpu(), daemon_cpu() - daemon
             per_run = {s: (after[s] - before[s]) / runs for s in SERVICES[design]}
-            if design == "docker":  # flow processes report their own; process flows are in their workers
+            if design != "process":  # flow processes report their own; process flows are in their workers
                 per_run["flow containers"] = statistics.mean(
                     o["cpu_seconds"] + sum(r["cpu_seconds"] for r in o["results"].values()) for o in outputs
                 )
@@ -382,17 +404,25 @@ def report(results: dict[str, Any]) -> str:
             total = lat["docker"]["trigger to completed"]["median"]
             lines.append(f"| trigger to completed / floor | {total / floor_s:.2f} | | |")
         lines.append("")
+    if "before" in results.get("latency", {}):
+        lat, ref = results["latency"], results["args"].get("before")
+        lines += [f"| figure (s) | before ({ref}) | docker | docker/before |", "| --- | --- | --- | --- |"]
+        for key in lat["docker"]:
+            b, d = lat["before"][key], lat["docker"][key]
+            ratio = d["median"] / b["median"] if b["median"] > 0 else float("nan")
+            lines.append(f"| {key} | {fmt(b)} | {fmt(d)} | {ratio:.2f} |")
+        lines.append("")
     if "cpu" in results:
         c = results["cpu"]
+        one = c["one at a time"]
+        columns = [(mode, d) for mode in c if mode != "idle per second" for d in c[mode]]
         lines += [
-            "| CPU-seconds per pipeline run | docker, one at a time | process, one at a time "
-            "| docker, at once | process, at once |",
-            "| --- | --- | --- | --- | --- |",
+            "| CPU-seconds per pipeline run | " + " | ".join(f"{d}, {mode}" for mode, d in columns) + " |",
+            "| --- " * (len(columns) + 1) + "|",
         ]
-        one, many = c["one at a time"], c["at once"]
-        keys = [k for k in dict.fromkeys([*one["docker"], *one["process"]]) if k != "total"] + ["total"]
+        keys = [k for k in dict.fromkeys(k for by in one.values() for k in by) if k != "total"] + ["total"]
         for key in keys:
-            cells = [f"{by[d][key]:.2f}" if key in by[d] else "-" for by in (one, many) for d in DESIGNS]
+            cells = [f"{c[mode][d][key]:.2f}" if key in c[mode][d] else "-" for mode, d in columns]
             lines.append(f"| {key} | {' | '.join(cells)} |")
         idle = ", ".join(f"{k} {v:.3f}" for k, v in c["idle per second"].items())
         lines += ["", f"idle, CPU-seconds per second: {idle}", ""]
@@ -473,6 +503,9 @@ def chart(sizes_: dict[str, Any], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+STAGES = ["floor", "latency", "cpu", "polling", "sizes", "throughput", "redeploy"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5, help="latency and CPU runs per design")
@@ -480,6 +513,8 @@ def main() -> None:
     parser.add_argument("--size-runs", type=int, default=3)
     parser.add_argument("--concurrency", type=int, nargs="*", default=[10, 50])
     parser.add_argument("--redeploys", type=int, default=3)
+    parser.add_argument("--before", metavar="REF", help="also time the main flow as of this git ref (latency, cpu)")
+    parser.add_argument("--stages", nargs="*", default=STAGES, choices=STAGES, help="the figures to measure")
     parser.add_argument("--intervals", type=float, nargs="*", default=[0.25, 1.0], help="worker query intervals")
     parser.add_argument("--smoke", action="store_true", help="one run of each figure, 1,000 rows, 2 at once")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
@@ -491,6 +526,8 @@ def main() -> None:
         args.intervals = [1.0]
 
     setup()
+    if args.before:
+        deploy_before(args.before)
     results: dict[str, Any] = {
         "when": datetime.now(UTC).isoformat(),
         "args": {k: str(v) for k, v in vars(args).items()},
@@ -498,18 +535,19 @@ def main() -> None:
     try:
         stages = [
             ("floor", lambda: floor(max(args.runs, 3))),
-            ("latency", lambda: latency(args.runs)),
+            ("latency", lambda: latency(args.runs, {**DESIGNS, **BEFORE})),
             ("cpu", lambda: cpu(args.runs, idle_s=5 if args.smoke else 30)),
             ("polling", lambda: polling(args.runs, args.intervals, idle_s=5 if args.smoke else 30)),
             ("sizes", lambda: sizes(args.rows, args.size_runs)),
             ("throughput", lambda: throughput(args.concurrency)),
             ("redeploy", lambda: redeploy(args.redeploys)),
         ]
-        for name, stage in stages:
+        for name, stage in [(name, stage) for name, stage in stages if name in args.stages]:
             print(f"[bench] {name} ...", flush=True)
             results[name] = stage()
             args.out.write_text(json.dumps(results, indent=2, default=str))  # what is done survives
-        chart(results["sizes"], args.chart)
+        if "sizes" in results:
+            chart(results["sizes"], args.chart)
     finally:
         if not args.keep:
             BENCH.down()
