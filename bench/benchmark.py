@@ -12,7 +12,7 @@ components on process workers (bench/compose.baseline.yml, bench/prefect.yaml). 
               is the three serial hops' sum
   latency     trigger to completed of one pipeline run and its hops, designs alternating run by
               run; ratios to the floor and to the process baseline; with --before REF, also
-              the main flow as of git REF, for a before/after in one run (latency and cpu)
+              the main flow as of git REF, for a before/after in one run (latency, cpu, throughput)
   cpu         CPU-seconds per pipeline run, --runs one at a time and --runs at once: flow
               processes (each reports its own), workers, server, Postgres (cgroup accounting
               through the Docker API), dockerd and containerd; and the stack's idle CPU per second
@@ -352,7 +352,7 @@ def server_503s(since: datetime) -> int:
 def throughput(counts: list[int]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for n in counts:
-        for design, deployment in DESIGNS.items():
+        for design, deployment in {**DESIGNS, **BEFORE}.items():
             since = datetime.now(UTC)
             started = time.monotonic()
             runs = [BENCH.start(deployment).id for _ in range(n)]  # at once, through the API
@@ -448,6 +448,9 @@ def report(results: dict[str, Any]) -> str:
             d, p = by["docker"], by["process"]
             cells = [f"{x['wall']:.1f}, {x['correct']}/{n}, {x['503s']}" for x in (d, p)]
             lines.append(f"| {n} | {cells[0]} | {cells[1]} | {d['wall'] / p['wall']:.2f} |")
+            if "before" in by:
+                b = by["before"]
+                lines.append(f"| {n}, before | {b['wall']:.1f}, {b['correct']}/{n}, {b['503s']} | | |")
         lines.append("")
     if "sizes" in results:
         lines += [
