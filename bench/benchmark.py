@@ -1,6 +1,6 @@
 """Benchmark the pipeline on Docker workers against a process-worker baseline, on a stack of its own.
 
-    .venv/bin/python bench/benchmark.py            # make bench: every figure (about 90 minutes)
+    .venv/bin/python bench/benchmark.py            # make bench: every figure (about 40 minutes on 2 cores)
     .venv/bin/python bench/benchmark.py --smoke    # one run of each figure, small (CI)
     .venv/bin/python bench/benchmark.py --stages latency cpu --before <git ref>   # before/after
 
