@@ -27,7 +27,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError  # s3fs's
 from fsspec.implementations.local import LocalFileSystem
 from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.objects import TERMINAL_STATES, FlowRun
 from prefect.deployments import run_deployment
 from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
@@ -57,7 +57,7 @@ STEP_RESULT: dict[str, type] = {"output": dict, "summary": list, "report": str, 
 StepName = Annotated[str, Field(pattern=r"^[\w.-]+/[\w.-]+$")]
 MAX_REDIRECTS = 5
 SAFETY_READ_S = 5.0  # reads of the steps' runs besides the event stream, should an event be lost
-FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+FINAL = {state.value for state in TERMINAL_STATES}  # as events label them
 CHUNK = 1 << 20
 
 
