@@ -274,13 +274,13 @@ def cpu(runs: int, idle_s: float = 30) -> dict[str, Any]:
     return result
 
 
-def idle_cpu(seconds: float) -> dict[str, float]:
+def idle_cpu(window_s: float) -> dict[str, float]:
     """CPU-seconds per second of every service, and of the Docker daemons, with no run anywhere."""
     before, daemon, started = container_cpu(), daemon_cpu(), time.monotonic()
-    time.sleep(seconds)  # a measurement window, not a wait for anything
-    after, daemon, seconds = container_cpu(), daemon_cpu() - daemon, time.monotonic() - started
-    idle = {s: (after[s] - before[s]) / seconds for s in dict.fromkeys(SERVICES["docker"] + SERVICES["process"])}
-    return {**idle, "dockerd and containerd": daemon / seconds}
+    time.sleep(window_s)  # a measurement window, not a wait for anything
+    after, daemon, elapsed = container_cpu(), daemon_cpu() - daemon, time.monotonic() - started
+    idle = {s: (after[s] - before[s]) / elapsed for s in dict.fromkeys(SERVICES["docker"] + SERVICES["process"])}
+    return {**idle, "dockerd and containerd": daemon / elapsed}
 
 
 def polling(runs: int, intervals: list[float], idle_s: float = 30) -> dict[str, Any]:
@@ -516,7 +516,7 @@ def main() -> None:
     parser.add_argument("--size-runs", type=int, default=3)
     parser.add_argument("--concurrency", type=int, nargs="*", default=[10, 50])
     parser.add_argument("--redeploys", type=int, default=3)
-    parser.add_argument("--before", metavar="REF", help="also time the main flow as of this git ref (latency, cpu)")
+    parser.add_argument("--before", metavar="REF", help="also time the main flow as of this git ref")
     parser.add_argument("--stages", nargs="*", default=STAGES, choices=STAGES, help="the figures to measure")
     parser.add_argument("--intervals", type=float, nargs="*", default=[0.25, 1.0], help="worker query intervals")
     parser.add_argument("--smoke", action="store_true", help="one run of each figure, 1,000 rows, 2 at once")
