@@ -8,8 +8,8 @@ CLI := docker compose run --rm cli
 
 pipeline: up deploy run  ## Stack up, deploy every component, run the pipeline once
 
-up:
-	docker compose up -d --build --wait
+up:  ## On failure, the one-shot services' logs say why
+	docker compose up -d --build --wait || { docker compose logs --no-log-prefix secrets setup; exit 1; }
 
 deploy:
 	$(CLI) prefect deploy --all
@@ -59,7 +59,7 @@ bench: $(BIN)/pytest  ## Latency, hops, sizes, throughput, redeploys: docker vs 
 down:  ## Stop your stack; volumes (database, registry, data) stay
 	docker compose down
 
-clean:  ## Also delete your stack's volumes (secrets stay in .secrets/): asks first, unless CONFIRM=1
-	@[ "$(CONFIRM)" = 1 ] || { printf 'Delete the database, the registry and all pipeline data of this stack? [y/N] '; \
+clean:  ## Also delete your stack's volumes (database, registry, data, secrets): asks first, unless CONFIRM=1
+	@[ "$(CONFIRM)" = 1 ] || { printf 'Delete the database, the registry, all pipeline data and the secrets of this stack? [y/N] '; \
 		read answer; [ "$$answer" = y ]; } || { echo aborted; exit 1; }
 	docker compose down -v --remove-orphans

@@ -8,7 +8,7 @@ import subprocess
 
 import httpx
 import pytest
-from harness import CI, PREFECT, ROOT, SETTINGS, wait_for
+from harness import CI, PREFECT, ROOT, SETTINGS, Stack, wait_for
 from prefect.client.schemas.actions import BlockDocumentUpdate
 
 pytestmark = pytest.mark.e2e
@@ -133,6 +133,39 @@ def test_no_secret_in_images_templates_or_deployments(stack):
         ["git", "grep", "-l", "-F", "-e", secrets[0], "-e", secrets[1]], cwd=ROOT, capture_output=True
     )
     assert tracked.returncode == 1, tracked.stdout  # in no tracked file
+
+
+def test_the_secrets_live_with_the_stack_not_the_clone(tmp_path):
+    """A second clone, without ./.secrets, starts the same stack; a database whose secrets are gone
+    is refused by name, instead of meeting a new password it cannot open."""
+    own = Stack("modular-pipeline-secrets", prefect_port=14300, registry_port=15100)
+    clone = tmp_path / "clone"
+    for name in ("docker-compose.yml", ".env", "tools", "worker", ".secrets/.gitignore"):
+        (clone / name).parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, clone / name)
+    mirrors = [ROOT / ".secrets" / own.project, clone / ".secrets" / own.project]
+    own.down()
+    try:
+        own.compose("up", "-d", "--build", "--wait", "prefect-server")
+        auth = own.secret("api-auth-string")
+        own.compose("down")
+        own.compose("up", "-d", "--wait", "prefect-server", cwd=clone)  # recreated, from the clone
+        assert (mirrors[1] / "api-auth-string").read_text().strip() == auth
+        with own.api() as client:
+            assert client.read_flows() == []  # the server opened its database and takes the auth string
+
+        own.compose("down", cwd=clone)
+        own.sh("docker", "volume", "rm", f"{own.project}_secrets")
+        for mirror in mirrors:
+            shutil.rmtree(mirror)
+        assert own.compose("up", "-d", "--wait", "prefect-server", check=False).returncode != 0
+        logs = own.compose("logs", "--no-log-prefix", "secrets").stdout
+        assert f"the stack's database (volume {own.project}_postgres-data) exists but its secrets are gone" in logs
+        assert not mirrors[0].exists()  # and no new secrets were made
+    finally:
+        own.down()
+        for mirror in mirrors:
+            shutil.rmtree(mirror, ignore_errors=True)
 
 
 def test_the_ui_works_in_a_real_browser_after_login(stack, tmp_path):

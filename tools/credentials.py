@@ -1,24 +1,26 @@
 """Generate the stack's secrets on its first start; the compose `secrets` service runs it.
 
-    python tools/credentials.py /secrets-root/<compose project>
+    python tools/credentials.py /secrets /secrets-root/<compose project> /pgdata
 
-Files, each readable by its owner only, in ./.secrets/<compose project>/ (never tracked):
+The secrets live in the stack's `secrets` volume, beside the database they unlock, so a second
+clone of the repository (or one whose ./.secrets was deleted) starts the same stack. Each `up`
+copies them to ./.secrets/<compose project>/ (never tracked), where host tools read them:
   api-auth-string      user:password of Prefect's API: server, workers, CLI, tests, benchmark
   postgres-password    the Prefect server's database password
   registry-password    the registry user's password; registry-htpasswd holds its bcrypt hash
-Existing files are kept, so secrets survive restarts and `down`; to rotate them, stop the stack,
-delete the directory and start it again. The files belong to the owner of ./.secrets (the user
-who cloned the repository), so host tools can read them without root.
+A stack made before the volume existed has them only in ./.secrets/<project>/: they are adopted.
 """
 
 import os
 import secrets
+import shutil
 import sys
 from pathlib import Path
 
 import bcrypt
 
 API_USER, REGISTRY_USER = "admin", "pipeline"
+NAMES = ("api-auth-string", "postgres-password", "registry-password", "registry-htpasswd")
 
 
 def generate(directory: Path) -> dict[str, str]:
@@ -35,17 +37,33 @@ def generate(directory: Path) -> dict[str, str]:
     return new
 
 
-def main(directory: Path) -> None:
-    owner = directory.parent.stat()
-    directory.mkdir(mode=0o700, exist_ok=True)
-    for name, value in generate(directory).items():
-        (directory / name).write_text(value + "\n")
+def main(volume: Path, mirror: Path, pgdata: Path) -> None:
+    if not (volume / "postgres-password").exists():
+        if all((mirror / name).is_file() for name in NAMES):
+            for name in NAMES:
+                shutil.copyfile(mirror / name, volume / name)
+            print(f"adopted the secrets in ./.secrets/{mirror.name}/")
+        elif (pgdata / "PG_VERSION").exists():
+            # Postgres sets its password once, when it creates the database: a new one cannot open it.
+            sys.exit(
+                f"the stack's database (volume {mirror.name}_postgres-data) exists but its secrets are gone "
+                f"(volume {mirror.name}_secrets and ./.secrets/{mirror.name}/): restore ./.secrets/{mirror.name}/ "
+                "from the clone that first started the stack, or delete the stack's volumes to start anew "
+                "(make clean)"
+            )
+    for name, value in generate(volume).items():
+        (volume / name).write_text(value + "\n")
         print(f"generated {name}")
-    for path in [directory, *directory.iterdir()]:
+    owner = mirror.parent.stat()
+    mirror.mkdir(mode=0o700, exist_ok=True)
+    for name in NAMES:
+        (volume / name).chmod(0o600)
+        shutil.copyfile(volume / name, mirror / name)
+    for path in [mirror, *mirror.iterdir()]:
         path.chmod(0o700 if path.is_dir() else 0o600)
-        # The host user owns them; the stack's containers run as root and read them anyway.
+        # The host user owns the copies; the stack's containers run as root and read the volume.
         os.chown(path, owner.st_uid, owner.st_gid)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(*map(Path, sys.argv[1:4]))
