@@ -1,11 +1,12 @@
-"""Retention: remove the stored data and the per-run Variables of pipeline runs older than N days.
+"""Retention: remove the stored data, Prefect's persisted results and the per-run Variables of
+pipeline runs older than N days.
 
 The main flow owns the store's layout (runs/<main run id>/...), so it ships this flow too; it
 runs daily on a schedule (prefect.yaml) and on demand (`make retention DAYS=7`).
 """
 
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Any
 from uuid import UUID
 
 import fsspec
@@ -25,15 +26,16 @@ class Settings(BaseSettings):
     pipeline_data_url: str  # PIPELINE_DATA_URL, from .env through the pool template
 
 
-@flow(name="retention")
+# Not persisted: its counts are in its log, and a result file a day would be one more thing to clean.
+@flow(name="retention", persist_result=False)
 def retention(days: Annotated[float, Field(ge=0)] = 30) -> dict[str, int]:
     """Delete runs/<id>/ of main runs created `days` before this run's scheduled time, or earlier,
-    with their subflow Variables, and any other subflow Variable as old."""
+    with their subflow Variables, any other subflow Variable as old, and results/ written before."""
     cutoff = flow_run.scheduled_start_time - timedelta(days=days)
-    fs, root = fsspec.core.url_to_fs(f"{Settings().pipeline_data_url.rstrip('/')}/runs")
+    fs, root = fsspec.core.url_to_fs(Settings().pipeline_data_url.rstrip("/"))
     expired = set()
     with get_client(sync_client=True) as client:
-        for path in fs.ls(root, detail=False) if fs.exists(root) else []:
+        for path in fs.ls(f"{root}/runs", detail=False) if fs.exists(f"{root}/runs") else []:
             run_id = path.rstrip("/").rsplit("/", 1)[-1]
             if created(client, run_id) < cutoff:
                 fs.rm(path, recursive=True)
@@ -41,9 +43,17 @@ def retention(days: Annotated[float, Field(ge=0)] = 30) -> dict[str, int]:
         variables = expired_variables(client, cutoff, expired)
         for name in variables:
             client.delete_variable_by_name(name)
-    removed = {"runs": len(expired), "variables": len(variables)}
-    get_run_logger().info("removed %(runs)d run directories and %(variables)d Variables", removed)
+    results = [path for path, info in fs.find(f"{root}/results", detail=True).items() if modified(info) < cutoff]
+    if results:
+        fs.rm(results)
+    removed = {"runs": len(expired), "variables": len(variables), "results": len(results)}
+    get_run_logger().info("removed %(runs)d run directories, %(variables)d Variables and %(results)d results", removed)
     return removed
+
+
+def modified(info: dict[str, Any]) -> datetime:
+    """When a stored file was written: `LastModified` on S3, `mtime` on a volume."""
+    return info.get("LastModified") or datetime.fromtimestamp(info["mtime"], UTC)
 
 
 def expired_variables(client: SyncPrefectClient, cutoff: datetime, runs: set[str]) -> list[str]:

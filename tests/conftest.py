@@ -39,8 +39,11 @@ def stack():
     user = Stack.user()
     try:
         before = user.snapshot() if user.running() else None
-    except Exception as exc:  # e.g. 401: the stack on the user's port belongs to another clone
-        pytest.fail(f"cannot read the user's stack at {user.api_url} with .secrets/{user.project}/: {exc}")
+    except Exception as exc:  # e.g. 401: another clone started the stack since this one last did
+        pytest.fail(
+            f"cannot read the user's stack at {user.api_url} with .secrets/{user.project}/ "
+            f"(`make up` here copies the stack's secrets there): {exc}"
+        )
     if before is None and CI:
         pytest.fail("CI=true: bring the user's stack up first (make pipeline), so the suite proves it stays untouched")
     DATA.chmod(0o755)

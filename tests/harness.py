@@ -252,6 +252,15 @@ class Stack:
         args = ("docker", "run", "--rm", "-v", f"{self.project}_data:/data:ro", "--entrypoint", "test")
         return self.sh(*args, image, "-e", uri.removeprefix("file://"), check=False).returncode == 0
 
+    def written(self, uri: str) -> dict[str, float]:
+        """The files under `uri` in the data store, with the times they were written."""
+        if uri.startswith("s3://"):
+            return {p: i["LastModified"].timestamp() for p, i in self.s3().find(uri, detail=True).items()}
+        image = f"{self.project}/worker:{SETTINGS['PREFECT_VERSION']}"
+        args = ("docker", "run", "--rm", "-v", f"{self.project}_data:/data:ro", "--entrypoint", "find", image)
+        found = self.sh(*args, uri.removeprefix("file://"), "-type", "f", "-printf", "%p %T@\\n").stdout
+        return {path: float(time) for path, time in (line.rsplit(" ", 1) for line in found.splitlines())}
+
     def output(self, run: FlowRun) -> dict[str, Any]:
         """The pipeline output that a main run stored next to its data."""
         return json.loads(self.read_object(f"{self.data_url()}/runs/{run.id}/output.json"))

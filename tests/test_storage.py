@@ -5,7 +5,7 @@ import json
 import time
 
 import pytest
-from harness import S3_KEYS, SETTINGS, expected_summary, iris_like, write_csv
+from harness import S3_KEYS, SETTINGS, expected_summary, iris_like, wait_for, write_csv
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 pytestmark = pytest.mark.e2e
@@ -97,13 +97,21 @@ def test_an_unreachable_s3_endpoint_fails_after_bounded_retries(stack, s3_mode):
     assert ingest.name.startswith("ingest") and ingest.run_count == 3
 
 
-def test_retention_removes_old_run_data_and_variables(stack):
-    old, new = stack.run("main-flow/main"), stack.run("main-flow/main")
+def test_retention_removes_old_run_data_results_and_variables(stack):
+    old = stack.run("main-flow/main")
+    # Seconds between the old run's last write and the new run's creation: the cutoff goes there.
+    wait_for("two seconds after the old run", lambda: time.time() > old.end_time.timestamp() + 2, 10)
+    new = stack.run("main-flow/main")
     variables = {r.id: stack.output(r)["results"]["subflow/subflow"]["variable"] for r in (old, new)}
-    cutoff = old.created + (new.created - old.created) / 2  # seconds away from both
+    cutoff = old.end_time + (new.created - old.end_time) / 2
+    results = stack.written(f"{stack.data_url()}/results")
+    expired = {path for path, written in results.items() if written < cutoff.timestamp()}
+    assert expired and len(expired) < len(results)  # the old run's results, and the new run's
     removal = stack.start("retention/retention", days=(time.time() - cutoff.timestamp()) / 86400)
     removal = stack.wait_final(removal.id)
     assert removal.state.is_completed(), removal.state
+    # The expired results are gone, the new run's stay, and retention stored no result of its own.
+    assert set(stack.written(f"{stack.data_url()}/results")) == set(results) - expired
     assert not stack.exists(f"{stack.data_url()}/runs/{old.id}/input.parquet")
     assert stack.exists(f"{stack.data_url()}/runs/{new.id}/output.json")
     with stack.api() as client:
