@@ -33,9 +33,9 @@ def retention(days: Annotated[float, Field(ge=0)] = 30) -> dict[str, int]:
     with their subflow Variables, any other subflow Variable as old, and results/ written before."""
     cutoff = flow_run.scheduled_start_time - timedelta(days=days)
     fs, root = fsspec.core.url_to_fs(Settings().pipeline_data_url.rstrip("/"))
-    expired = set()
+    runs, expired = f"{root}/runs", set()
     with get_client(sync_client=True) as client:
-        for path in fs.ls(f"{root}/runs", detail=False) if fs.exists(f"{root}/runs") else []:
+        for path in fs.ls(runs, detail=False) if fs.exists(runs) else []:
             run_id = path.rstrip("/").rsplit("/", 1)[-1]
             if created(client, run_id) < cutoff:
                 fs.rm(path, recursive=True)

@@ -236,30 +236,29 @@ class Stack:
             client_kwargs={"endpoint_url": self.s3_url},
         )  # fmt: skip
 
+    def on_data_volume(self, command: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """`command` in a throwaway container with this stack's data volume at /data, read-only."""
+        image = f"{self.project}/worker:{SETTINGS['PREFECT_VERSION']}"
+        volume = f"{self.project}_data:/data:ro"
+        return self.sh("docker", "run", "--rm", "-v", volume, "--entrypoint", command, image, *args, check=check)
+
     def read_object(self, uri: str) -> bytes:
         """An object of the data store: the stack's data volume, or the S3 test endpoint."""
         if uri.startswith("s3://"):
             return self.s3().cat_file(uri)
-        path = uri.removeprefix("file://")
-        image = f"{self.project}/worker:{SETTINGS['PREFECT_VERSION']}"
-        volume = f"{self.project}_data:/data:ro"
-        return self.sh("docker", "run", "--rm", "-v", volume, "--entrypoint", "cat", image, path).stdout.encode()
+        return self.on_data_volume("cat", uri.removeprefix("file://")).stdout.encode()
 
     def exists(self, uri: str) -> bool:
         if uri.startswith("s3://"):
             return self.s3().exists(uri)
-        image = f"{self.project}/worker:{SETTINGS['PREFECT_VERSION']}"
-        args = ("docker", "run", "--rm", "-v", f"{self.project}_data:/data:ro", "--entrypoint", "test")
-        return self.sh(*args, image, "-e", uri.removeprefix("file://"), check=False).returncode == 0
+        return self.on_data_volume("test", "-e", uri.removeprefix("file://"), check=False).returncode == 0
 
     def written(self, uri: str) -> dict[str, float]:
         """The files under `uri` in the data store, with the times they were written."""
         if uri.startswith("s3://"):
             return {p: i["LastModified"].timestamp() for p, i in self.s3().find(uri, detail=True).items()}
-        image = f"{self.project}/worker:{SETTINGS['PREFECT_VERSION']}"
-        args = ("docker", "run", "--rm", "-v", f"{self.project}_data:/data:ro", "--entrypoint", "find", image)
-        found = self.sh(*args, uri.removeprefix("file://"), "-type", "f", "-printf", "%p %T@\\n").stdout
-        return {path: float(time) for path, time in (line.rsplit(" ", 1) for line in found.splitlines())}
+        found = self.on_data_volume("find", uri.removeprefix("file://"), "-type", "f", "-printf", "%p %T@\\n")
+        return {path: float(time) for path, time in (line.rsplit(" ", 1) for line in found.stdout.splitlines())}
 
     def output(self, run: FlowRun) -> dict[str, Any]:
         """The pipeline output that a main run stored next to its data."""
@@ -291,15 +290,12 @@ class Stack:
             "docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={self.project}"
         )
         images = {d: self.registry_tags(d) for d in ("main_flow", "validate", "subflow")}
-        image = f"{self.project}/worker:{SETTINGS['PREFECT_VERSION']}"
-        args = ("docker", "run", "--rm", "-v", f"{self.project}_data:/data:ro", "--entrypoint", "find")
-        data = self.sh(*args, image, "/data", "-type", "f").stdout
         return {
             "deployments": deployments,
             "runs": runs,
             "volumes": sorted(volumes.stdout.split()),
             "images": images,
-            "data": sorted(data.split()),
+            "data": sorted(self.written("file:///data")),
         }
 
     def running(self) -> bool:
