@@ -295,7 +295,7 @@ class Stack:
             "runs": runs,
             "volumes": sorted(volumes.stdout.split()),
             "images": images,
-            "data": sorted(self.written("file:///data")),
+            "data": sorted(self.written("/data")),
         }
 
     def running(self) -> bool:
