@@ -17,8 +17,8 @@ deploy:
 run:
 	$(CLI) prefect deployment run main-flow/main --watch
 
-output:  ## make output RUN=<main run id>   (file data store)
-	$(CLI) cat /data/runs/$(RUN)/output.json
+output:  ## make output RUN=<main run id>: the run's output.json, from either store
+	$(CLI) python -m stepkit output $(RUN)
 
 versions:  ## make versions C=subflow
 	$(CLI) python tools/versions.py list $(C)

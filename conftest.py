@@ -5,7 +5,9 @@ import io
 import os
 from pathlib import Path
 
+import fsspec
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 from prefect.testing.utilities import prefect_test_harness
 
 # Prefect reads PREFECT_API_URL from .env in the working directory: the user's stack. No test
@@ -44,3 +46,33 @@ def prefect_api():
     """A temporary local Prefect server and database for flow-level unit tests."""
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+class CountingFileSystem(LocalFileSystem):
+    """The local file system as `counted://`, counting opens for reading and bytes read: how
+    often a step reads its input."""
+
+    protocol = "counted"
+    opens = 0
+    bytes_read = 0
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(str(path).removeprefix("counted://"))
+
+    def _open(self, path, mode="rb", **kwargs):
+        file = super()._open(path, mode, **kwargs)
+        if "r" in mode:
+            CountingFileSystem.opens += 1
+            read = file.read
+
+            def counted(*args, **kw):
+                data = read(*args, **kw)
+                CountingFileSystem.bytes_read += len(data)
+                return data
+
+            file.read = counted
+        return file
+
+
+fsspec.register_implementation("counted", CountingFileSystem, clobber=True)

@@ -1,8 +1,8 @@
 """Retention: remove the stored data, Prefect's persisted results and the per-run Variables of
 pipeline runs older than N days.
 
-The main flow owns the store's layout (runs/<main run id>/...), so it ships this flow too; it
-runs daily on a schedule (prefect.yaml) and on demand (`make retention DAYS=7`).
+It walks the kit's run layout (stepkit/layout.py) and ships in the main flow's image; it runs
+daily on a schedule (prefect.yaml) and on demand (`make retention DAYS=7`).
 """
 
 from datetime import UTC, datetime, timedelta
@@ -15,15 +15,10 @@ from prefect.client.orchestration import SyncPrefectClient
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from pydantic import Field
-from pydantic_settings import BaseSettings
+
+from stepkit.layout import results_root, run_id_of, runs_root
 
 PAGE = 200  # the server's default and largest page
-
-
-class Settings(BaseSettings):
-    """Operator settings, from the container's environment (set by the work pool's template)."""
-
-    pipeline_data_url: str  # PIPELINE_DATA_URL, from .env through the pool template
 
 
 # Not persisted: its counts are in its log, and a result file a day would be one more thing to clean.
@@ -32,8 +27,9 @@ def retention(days: Annotated[float, Field(ge=0)] = 30) -> dict[str, int]:
     """Delete runs/<id>/ of main runs created `days` before this run's scheduled time, or earlier,
     with their subflow Variables, any other subflow Variable as old, and results/ written before."""
     cutoff = flow_run.scheduled_start_time - timedelta(days=days)
-    fs, root = fsspec.core.url_to_fs(Settings().pipeline_data_url.rstrip("/"))
-    runs, expired = f"{root}/runs", set()
+    fs, runs = fsspec.core.url_to_fs(runs_root())
+    _, results = fsspec.core.url_to_fs(results_root())
+    expired = set()
     with get_client(sync_client=True) as client:
         for path in fs.ls(runs, detail=False) if fs.exists(runs) else []:
             run_id = path.rstrip("/").rsplit("/", 1)[-1]
@@ -43,10 +39,10 @@ def retention(days: Annotated[float, Field(ge=0)] = 30) -> dict[str, int]:
         variables = expired_variables(client, cutoff, expired)
         for name in variables:
             client.delete_variable_by_name(name)
-    results = [path for path, info in fs.find(f"{root}/results", detail=True).items() if modified(info) < cutoff]
-    if results:
-        fs.rm(results)
-    removed = {"runs": len(expired), "variables": len(variables), "results": len(results)}
+    old = [path for path, info in fs.find(results, detail=True).items() if modified(info) < cutoff]
+    if old:
+        fs.rm(old)
+    removed = {"runs": len(expired), "variables": len(variables), "results": len(old)}
     get_run_logger().info("removed %(runs)d run directories, %(variables)d Variables and %(results)d results", removed)
     return removed
 
@@ -63,7 +59,7 @@ def expired_variables(client: SyncPrefectClient, cutoff: datetime, runs: set[str
     while page := client.request("POST", "/variables/filter", json={**query, "offset": offset}).json():
         for variable in page:
             output = variable["value"].get("output", "") if isinstance(variable["value"], dict) else ""
-            run = output.split("/runs/", 1)[1].split("/", 1)[0] if "/runs/" in output else None
+            run = run_id_of(output)
             if run in runs or datetime.fromisoformat(variable["created"]) < cutoff:
                 expired.append(variable["name"])
         offset += len(page)

@@ -12,27 +12,32 @@ from prefect import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from conftest import IRIS, IRIS_SETOSA
+from stepkit import WIRE, DataRef
 from subflow import subflow as component
 
 
-def store(table: pa.Table, path: Path) -> component.DataRef:
+def store(table: pa.Table, path: Path) -> DataRef:
     """`table` as a Parquet object, and its reference, as the main flow would pass it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
     data = path.read_bytes()
-    return component.DataRef(
-        uri=f"file://{path}", rows=table.num_rows, columns=table.schema.names,
+    return DataRef(
+        wire=WIRE, uri=f"file://{path}", rows=table.num_rows, columns=table.schema.names,
         bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
     )  # fmt: skip
 
 
+def parquet(ref: DataRef) -> pq.ParquetFile:
+    return pq.ParquetFile(ref["uri"].removeprefix("file://"))
+
+
 @pytest.fixture
-def iris(tmp_path) -> component.DataRef:
+def iris(tmp_path) -> DataRef:
     return store(pacsv.read_csv(IRIS), tmp_path / "runs" / "r1" / "input.parquet")
 
 
 def test_summarise_real_iris_data(iris):
-    summary = component.summarise(iris["uri"], "species").to_pylist()
+    summary = component.summarise(parquet(iris), "species").to_pylist()
     assert [group["species"] for group in summary] == ["setosa", "versicolor", "virginica"]
     assert summary[0] == IRIS_SETOSA
     assert summary[2]["mean_petal_length"] == 5.552
@@ -54,19 +59,19 @@ def test_summarise_real_iris_data(iris):
 def test_summarise_rejects_bad_data_with_a_clear_message(tmp_path, table, group_by, message):
     ref = store(pa.table(table), tmp_path / "x.parquet")
     with pytest.raises(ValueError, match=message):
-        component.summarise(ref["uri"], group_by)
+        component.summarise(parquet(ref), group_by)
 
 
 def test_numbers_stored_as_text_are_accepted(tmp_path):
     ref = store(pa.table({"g": ["a", "a"], "v": ["1.5", " 2e0 "]}), tmp_path / "x.parquet")
-    assert component.summarise(ref["uri"], "g").to_pylist() == [{"g": "a", "count": 2, "mean_v": 1.75}]
+    assert component.summarise(parquet(ref), "g").to_pylist() == [{"g": "a", "count": 2, "mean_v": 1.75}]
 
 
 def test_flow_stores_the_summary_and_publishes_a_bounded_variable(prefect_api, tmp_path):
     groups = 400  # far more than a Variable holds
     table = pa.table({"g": [f"group-{i:04d}" for i in range(groups)] * 2, "v": [1.0] * groups + [3.0] * groups})
     ref = store(table, tmp_path / "runs" / "r2" / "input.parquet")
-    state = component.subflow(ref, f"file://{tmp_path}/runs/r2/subflow", group_by="g", return_state=True)
+    state = component.subflow(data=ref, out=f"file://{tmp_path}/runs/r2/subflow", group_by="g", return_state=True)
     assert state.is_completed(), state
     result = state.result()
     assert result["rows"] == 2 * groups and result["groups"] == groups
@@ -87,8 +92,9 @@ def test_flow_stores_the_summary_and_publishes_a_bounded_variable(prefect_api, t
     assert any(a.data == result["report"] for a in artifacts)
 
 
-def test_flow_refuses_a_corrupt_input(prefect_api, iris):
-    state = component.subflow({**iris, "sha256": "0" * 64}, "file:///nowhere", return_state=True)
+def test_flow_refuses_a_corrupt_input_and_writes_nothing(prefect_api, iris, tmp_path):
+    state = component.subflow(data={**iris, "sha256": "0" * 64}, out=f"file://{tmp_path}/out", return_state=True)
     assert state.is_failed()
     with pytest.raises(ValueError, match="stored object corrupt: .*input.parquet does not match its sha256"):
         state.result()
+    assert not (tmp_path / "out").exists()  # nothing written from an input that is not what it claims

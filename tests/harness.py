@@ -26,6 +26,8 @@ from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 from prefect.client.schemas.objects import FlowRun
 
+from stepkit import RunLayout
+
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS: dict[str, str] = {k: v or "" for k, v in dotenv_values(ROOT / ".env").items()}
 PREFECT = str(Path(sys.executable).with_name("prefect"))  # the host CLI of this environment
@@ -262,7 +264,11 @@ class Stack:
 
     def output(self, run: FlowRun) -> dict[str, Any]:
         """The pipeline output that a main run stored next to its data."""
-        return json.loads(self.read_object(f"{self.data_url()}/runs/{run.id}/output.json"))
+        return json.loads(self.read_object(self.layout(run.id).output))
+
+    def layout(self, run_id: Any) -> RunLayout:
+        """Where a main run's objects are in this stack's data store."""
+        return RunLayout.of(run_id, self.data_url())
 
     def data_url(self) -> str:
         return self.overrides.get("PIPELINE_DATA_URL", SETTINGS["PIPELINE_DATA_URL"]).rstrip("/")
@@ -311,6 +317,6 @@ def project_copy(directory: Path) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
     for name in (".env", ".dockerignore", "prefect.yaml", "component.Dockerfile"):
         shutil.copy(ROOT / name, directory / name)
-    for component in [p.parent.name for p in ROOT.glob("*/requirements.lock")] + ["tools"]:
+    for component in [p.parent.name for p in ROOT.glob("*/requirements.lock")] + ["tools", "stepkit"]:
         shutil.copytree(ROOT / component, directory / component, ignore=ignore)
     return directory

@@ -1,6 +1,7 @@
 """Static checks of the platform's configuration: one home per setting, loopback ports, a small
 block per component, portable and stable content tags, fresh locks. No Docker needed."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -18,15 +19,18 @@ import image_tag  # noqa: E402
 import lock  # noqa: E402
 
 COMPONENTS = ["main_flow", "validate", "subflow"]
+IMAGE_INPUTS = [*COMPONENTS, "stepkit"]  # what a component image's tag covers, besides the recipe
 
 
 def tracked(*exclude: str) -> dict[str, str]:
-    """Tracked text files (path -> text), without docs, lock files and the given paths."""
+    """Tracked text files (path -> text), without docs, lock files, data, recorded benchmark
+    results (bench/*.json) and the given paths; configuration in JSON (pools/) is included."""
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     texts = {}
     for name in files.split():
         path = ROOT / name
-        if name in exclude or path.suffix in (".md", ".lock", ".json", ".csv", ".png") or not path.is_file():
+        recorded = name.startswith("bench/") and path.suffix == ".json"
+        if name in exclude or recorded or path.suffix in (".md", ".lock", ".csv", ".png") or not path.is_file():
             continue
         texts[name] = path.read_text(errors="replace")
     return texts
@@ -92,41 +96,37 @@ def tags(root: Path) -> dict[str, str]:
     return {c: image_tag.content_hash(root / c, [SETTINGS[a] for a in image_tag.BUILD_ARGS]) for c in COMPONENTS}
 
 
-def clone(target: Path) -> Path:
-    subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(ROOT), str(target)], check=True)
+def copy_of_tree(target: Path, reverse: bool = False) -> Path:
+    """The working tree's image inputs, copied file by file (in reverse order if told), with the
+    lock files, as another machine's checkout would hold them."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    inputs = [n for n in files if n.split("/")[0] in IMAGE_INPUTS or n in ("component.Dockerfile", ".dockerignore")]
+    names = sorted((n for n in inputs if (ROOT / n).is_file()), reverse=reverse)
+    for name in names:
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ROOT / name, target / name)
     return target
 
 
-def test_content_tags_are_the_same_in_every_fresh_clone(tmp_path, monkeypatch):
-    first = clone(tmp_path / "a")
-    monkeypatch.setattr(image_tag, "ROOT", first)
-    monkeypatch.setattr(image_tag, "RECIPE", first / "component.Dockerfile")
-    expected = tags(first)
-    second = clone(tmp_path / "b")
-    monkeypatch.setattr(image_tag, "ROOT", second)
-    monkeypatch.setattr(image_tag, "RECIPE", second / "component.Dockerfile")
-    assert tags(second) == expected
-    clean = subprocess.run(
-        ["git", "status", "--porcelain", *COMPONENTS, "component.Dockerfile", ".dockerignore"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    ).stdout
-    if not clean:  # the working tree holds what was committed: its tags are the clone's
-        monkeypatch.setattr(image_tag, "ROOT", ROOT)
-        monkeypatch.setattr(image_tag, "RECIPE", ROOT / "component.Dockerfile")
-        assert tags(ROOT) == expected
+def use_root(monkeypatch, root: Path) -> None:
+    monkeypatch.setattr(image_tag, "ROOT", root)
+    monkeypatch.setattr(image_tag, "RECIPE", root / "component.Dockerfile")
+
+
+def test_content_tags_ignore_file_order_times_and_modes(tmp_path, monkeypatch):
+    """Another checkout: files written in the other order, at other times, with other modes."""
+    expected = tags(ROOT)
+    other = copy_of_tree(tmp_path / "other", reverse=True)
+    for i, path in enumerate(sorted(p for p in other.rglob("*") if p.is_file())):
+        path.chmod(0o600 if i % 2 else 0o755)
+        os.utime(path, (1_000_000 + i * 7919, 1_000_000 + i * 7919))
+    use_root(monkeypatch, other)
+    assert tags(other) == expected
 
 
 def test_junk_changes_no_tag_and_a_real_change_does(tmp_path, monkeypatch):
-    root = tmp_path / "repo"  # the working tree's tracked files, as they are now
-    for name in tracked():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / name, root / name)
-    for name in ("main_flow/requirements.lock", "validate/requirements.lock", "subflow/requirements.lock"):
-        shutil.copy(ROOT / name, root / name)
-    monkeypatch.setattr(image_tag, "ROOT", root)
-    monkeypatch.setattr(image_tag, "RECIPE", root / "component.Dockerfile")
+    root = copy_of_tree(tmp_path / "repo")
+    use_root(monkeypatch, root)
     before = tags(root)
     for component in COMPONENTS:  # what editors, OSes and test runs leave behind
         (root / component / ".DS_Store").write_bytes(b"\0\1")
@@ -140,6 +140,9 @@ def test_junk_changes_no_tag_and_a_real_change_does(tmp_path, monkeypatch):
     assert after["subflow"] != before["subflow"] and {c: after[c] for c in ("main_flow", "validate")} == {
         c: before[c] for c in ("main_flow", "validate")
     }
+    # The kit is in every image: a kit change retags every component.
+    (root / "stepkit" / "contract.py").write_text((root / "stepkit" / "contract.py").read_text() + "\n# a kit change\n")
+    assert all(tag != after[c] for c, tag in tags(root).items())
 
 
 def test_the_tag_step_names_missing_settings(monkeypatch):

@@ -1,24 +1,33 @@
-"""Every step in prefect.yaml's pipeline, checked against the main flow's step contract.
+"""Every step in prefect.yaml's pipeline, checked against the step kit's contract; and a step
+built with the kit, run for real, round-trips a reference.
 
-No server and no Docker: each component is loaded from its own directory, and the check runs
-over whatever prefect.yaml lists, so a new component is checked without a test of its own.
+No Docker: each component is loaded from its own directory, and the check runs over whatever
+prefect.yaml lists, so a new component is checked without a test of its own.
 """
 
 import importlib.util
 import shutil
+import sys
 import typing
 from pathlib import Path
 from types import ModuleType
 
 import jsonschema
+import pyarrow as pa
+import pyarrow.compute
+import pyarrow.parquet
 import pytest
 import typing_extensions
 import yaml
+from harness import iris_like
 from prefect.utilities.callables import parameter_schema
 
-from conftest import ROOT
+import stepkit
+from conftest import ROOT, CountingFileSystem
+from stepkit import WIRE, DataRef, Dataset, Out, Output, RunLayout, step, verify
 
 SAMPLE = {
+    "wire": WIRE,
     "uri": "s3://bucket/runs/1/input.parquet",
     "rows": 3,
     "columns": ["a"],
@@ -36,17 +45,16 @@ def load(path: Path) -> ModuleType:
 
 
 def pipeline(root: Path = ROOT) -> tuple[ModuleType, dict[str, tuple[ModuleType, str, dict]]]:
-    """The main flow module, and each step's module and deployment from prefect.yaml."""
+    """The step kit's contract, and each step's module and deployment from prefect.yaml."""
     config = yaml.safe_load((root / "prefect.yaml").read_text())
     by_name = {}
     for deployment in config["deployments"]:
         path, function = deployment["entrypoint"].split(":")
         module = load(root / path)
         by_name[f"{getattr(module, function).name}/{deployment['name']}"] = (module, function, deployment)
-    main_module = by_name["main-flow/main"][0]
     steps = by_name["main-flow/main"][2]["parameters"]["steps"]
-    names = [name for step in steps for name in (step if isinstance(step, list) else [step])]
-    return main_module, {name: by_name[name] for name in names}
+    names = [name for group in steps for name in (group if isinstance(group, list) else [group])]
+    return stepkit.contract, {name: by_name[name] for name in names}
 
 
 def kind_of(hint: typing.Any) -> type:
@@ -54,8 +62,8 @@ def kind_of(hint: typing.Any) -> type:
     return dict if typing_extensions.is_typeddict(hint) else typing.get_origin(hint) or hint
 
 
-def violations(main: ModuleType, module: ModuleType, function: str, deployment: dict) -> list[str]:
-    """Every way in which a step does not fit the main flow's contract; empty if it fits."""
+def violations(contract: ModuleType, module: ModuleType, function: str, deployment: dict) -> list[str]:
+    """Every way in which a step does not fit the contract; empty if it fits."""
     flow = getattr(module, function)
     problems = []
     schema = parameter_schema(flow).model_dump_for_openapi()
@@ -67,51 +75,106 @@ def violations(main: ModuleType, module: ModuleType, function: str, deployment: 
     ]
     problems += [f"parameter {name!r} is not accepted" for name in sorted(set(params) - set(schema["properties"]))]
     returned = typing.get_type_hints(typing.get_type_hints(flow.fn)["return"])
-    for key, kind in main.STEP_RESULT.items():
+    for key, kind in contract.STEP_RESULT.items():
         if key not in returned:
             problems.append(f"result key {key!r} is not returned")
         elif kind_of(returned[key]) is not kind:
             problems.append(f"result key {key!r} is {returned[key]}, the main flow reads {kind}")
-    if "output" in returned and typing.get_type_hints(returned["output"]) != typing.get_type_hints(main.DataRef):
-        problems.append("its output DataRef differs from the main flow's")
+    if "output" in returned and typing.get_type_hints(returned["output"]) != typing.get_type_hints(contract.DataRef):
+        problems.append("its output DataRef differs from the kit's")
     return problems
 
 
-def test_the_pipeline_has_steps_and_a_parallel_group_is_allowed():
-    main, steps = pipeline()
+def test_the_pipeline_lists_its_steps():
+    _, steps = pipeline()
     assert list(steps) == ["validate/validate", "subflow/subflow"]
-    assert main.step_groups([["validate/validate", "subflow/subflow"]]) == [["validate/validate", "subflow/subflow"]]
 
 
-@pytest.mark.parametrize("step", list(pipeline()[1]))
-def test_every_step_fits_the_contract(step):
-    main, steps = pipeline()
-    assert violations(main, *steps[step]) == []
+@pytest.mark.parametrize("name", list(pipeline()[1]))
+def test_every_step_fits_the_contract(name):
+    contract, steps = pipeline()
+    assert violations(contract, *steps[name]) == []
+
+
+@pytest.mark.parametrize("name", list(pipeline()[1]))
+def test_every_step_reads_its_input_once(prefect_api, name, tmp_path):
+    """Opened once, each byte fetched once (a real run of the step on 200,000 rows in 8 row groups)."""
+    module, function, deployment = pipeline()[1][name]
+    table = iris_like(200_000)
+    table = table.set_column(4, "species", table["species"].cast(pa.string()))  # as ingest writes it
+    ref = stored(f"file://{tmp_path}/input.parquet", table, row_group_size=25_000)
+    CountingFileSystem.opens = CountingFileSystem.bytes_read = 0
+    counted = {**ref, "uri": f"counted://{tmp_path}/input.parquet"}
+    result = getattr(module, function)(data=counted, out=f"file://{tmp_path}/out", **deployment.get("parameters", {}))
+    assert result["summary"]
+    assert CountingFileSystem.opens == 1
+    assert ref["bytes"] <= CountingFileSystem.bytes_read <= ref["bytes"] + 1024
+
+
+HAND_WRITTEN = """
+from prefect import flow
+from typing_extensions import TypedDict
+
+
+class Result(TypedDict):
+    output: dict
+    summary: list
+
+
+@flow(name="subflow")
+def subflow(records: dict, out: str) -> Result:
+    return Result(output=records, summary=[])
+"""
 
 
 def test_drift_is_caught(tmp_path: Path):
-    """A step that renames `data` and drops `report` from its result no longer fits."""
+    """A step written without the kit that renames `data` and returns no `report` does not fit."""
     for name in ("prefect.yaml", "main_flow", "validate", "subflow"):
         copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
         copy(ROOT / name, tmp_path / name)
-    code = tmp_path / "subflow" / "subflow.py"
-    text = code.read_text()
-    assert "def subflow(data: DataRef," in text and "    report: str\n" in text
-    code.write_text(
-        text.replace("def subflow(data: DataRef,", "def subflow(records: DataRef,").replace("    report: str\n", "")
-    )
-    main, steps = pipeline(tmp_path)
-    problems = violations(main, *steps["subflow/subflow"])
+    (tmp_path / "subflow" / "subflow.py").write_text(HAND_WRITTEN)
+    contract, steps = pipeline(tmp_path)
+    problems = violations(contract, *steps["subflow/subflow"])
     assert "parameter (all): 'records' is a required property" in problems
     assert "parameter 'data' is not accepted" in problems
     assert "result key 'report' is not returned" in problems
 
 
-def test_result_type_drift_is_caught():
-    main, steps = pipeline()
-    main.STEP_RESULT = {**main.STEP_RESULT, "report": dict, "checksum": str}
-    problems = violations(main, *steps["validate/validate"])
+def test_result_type_drift_is_caught(monkeypatch):
+    contract, steps = pipeline()
+    monkeypatch.setattr(contract, "STEP_RESULT", {**contract.STEP_RESULT, "report": dict, "checksum": str})
+    problems = violations(contract, *steps["validate/validate"])
     assert problems == [
         "result key 'report' is <class 'str'>, the main flow reads <class 'dict'>",
         "result key 'checksum' is not returned",
     ]
+
+
+@step
+def double(data: Dataset, out: Out, factor: int = 2) -> Output:
+    """A fake step built with the kit: every value times `factor`."""
+    table = pa.Table.from_batches(list(data.batches()))
+    doubled = pa.table({name: pa.compute.multiply(table[name], factor) for name in table.column_names})
+    return Output(
+        out.write_table(doubled, "doubled.parquet"), [{"rows": doubled.num_rows}], "doubled", {"factor": factor}
+    )
+
+
+def test_a_step_built_with_the_kit_round_trips_a_reference(prefect_api, tmp_path):
+    layout = RunLayout.of("run-1", f"file://{tmp_path}")
+    first = double(data=stored(layout.input, pa.table({"x": [1, 2, 3]})), out=layout.step("double/double"))
+    assert violations(stepkit.contract, sys.modules[__name__], "double", {"parameters": {"factor": 3}}) == []
+    assert first["output"]["uri"] == f"{layout.dir}/double/doubled.parquet" and first["factor"] == 2
+    verify(first["output"])  # a complete, hashed reference of the kit's wire format
+    second = double(data=first["output"], out=layout.step("again/again"), factor=5)  # the next step reads it
+    assert pa.parquet.read_table(second["output"]["uri"].removeprefix("file://"))["x"].to_pylist() == [10, 20, 30]
+    assert {"report", "image", "summary", "peak_rss_bytes", "cpu_seconds"} <= set(second)
+
+
+def stored(uri: str, table: pa.Table, **options) -> DataRef:
+    with stepkit.atomic_write(uri) as sink:
+        pa.parquet.write_table(table, sink, **options)
+    return DataRef(
+        wire=WIRE, uri=uri, rows=table.num_rows, columns=table.column_names, bytes=sink.bytes,
+        sha256=sink.sha256.hexdigest(),
+    )  # fmt: skip

@@ -156,7 +156,7 @@ def test_replay_runs_the_old_images_on_the_old_input(stack, restore, tmp_path):
         assert result["image"] == old_output["results"][name]["image"]
         assert result["summary"] == old_output["results"][name]["summary"]
     assert output["results"]["subflow/subflow"]["report"] == old_output["results"]["subflow/subflow"]["report"]
-    assert not stack.exists(f"{stack.data_url()}/runs/{new_id}/input.parquet")
+    assert not stack.exists(stack.layout(new_id).input)
     latest = stack.run("main-flow/main")  # while a new run gets the new subflow
     assert stack.output(latest)["results"]["subflow/subflow"]["report"].startswith("### v2 ")
 

@@ -32,7 +32,7 @@ def stored_input(stack) -> dict:
 
 
 def test_flow_containers_run_with_least_privilege(stack, stored_input):
-    run = stack.start("subflow/subflow", data=stored_input, out=f"{stack.data_url()}/runs/priv/subflow")
+    run = stack.start("subflow/subflow", data=stored_input, out=stack.layout("priv").step("subflow/subflow"))
     info = inspect(stack, run.id)
     host = info["HostConfig"]
     assert info["Config"]["User"] == f"{SETTINGS['FLOW_UID']}:{SETTINGS['FLOW_UID']}"
@@ -55,7 +55,9 @@ def test_a_run_cannot_widen_the_pool_template(stack, stored_input):
         "network_mode": "host",
         "container_create_kwargs": {"cap_add": ["SYS_ADMIN"], "user": "root"},
     }
-    run = stack.start("subflow/subflow", job_variables=unsafe, data=stored_input, out=f"{stack.data_url()}/runs/x/s")
+    run = stack.start(
+        "subflow/subflow", job_variables=unsafe, data=stored_input, out=stack.layout("x").step("subflow/subflow")
+    )
     info = inspect(stack, run.id)
     host = info["HostConfig"]
     assert (

@@ -112,8 +112,8 @@ def test_retention_removes_old_run_data_results_and_variables(stack):
     assert removal.state.is_completed(), removal.state
     # The expired results are gone, the new run's stay, and retention stored no result of its own.
     assert set(stack.written(f"{stack.data_url()}/results")) == set(results) - expired
-    assert not stack.exists(f"{stack.data_url()}/runs/{old.id}/input.parquet")
-    assert stack.exists(f"{stack.data_url()}/runs/{new.id}/output.json")
+    assert not stack.exists(stack.layout(old.id).input)
+    assert stack.exists(stack.layout(new.id).output)
     with stack.api() as client:
         assert client.read_variable_by_name(variables[old.id]) is None
         assert client.read_variable_by_name(variables[new.id]) is not None

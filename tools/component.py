@@ -2,8 +2,8 @@
 
     python tools/component.py enrich      # make component NAME=enrich
 
-Creates enrich/ (a flow stub that keeps the step contract, requirements.txt and its lock, and
-a unit test), appends enrich's deployment to prefect.yaml and adds
+Creates enrich/ (a step built with the step kit, requirements.txt and its lock, and a unit
+test that `make test-unit` runs), appends enrich's deployment to prefect.yaml and adds
 enrich/enrich to the end of the pipeline's steps. Refuses a name that is taken. Then edit the
 flow and deploy it: `docker compose run --rm cli prefect deploy --name enrich`.
 """
@@ -19,110 +19,56 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
-FLOW = '''"""{name}: a pipeline step. It takes a stored dataset by reference and returns the step contract."""
+FLOW = '''"""{name}: a pipeline step. Its logic only: the step kit (stepkit/) does the contract."""
 
-import hashlib
-import os
-import resource
-from typing import Any
-
-import fsspec
-from prefect import flow, get_client
-from prefect.artifacts import create_markdown_artifact
-from prefect.runtime import flow_run
-from typing_extensions import TypedDict  # pydantic needs it for parameters on Python 3.11
+from stepkit import Dataset, Output, step
 
 
-class DataRef(TypedDict):
-    """A complete object in the data store, and what it holds."""
-
-    uri: str
-    rows: int
-    columns: list[str]
-    bytes: int
-    sha256: str
-
-
-class StepResult(TypedDict):
-    """What callers get back: the step contract."""
-
-    output: DataRef
-    summary: list[dict[str, Any]]
-    report: str
-    image: str
-    peak_rss_bytes: int
-    cpu_seconds: float
-
-
-@flow(name="{name}", persist_result=True, result_serializer="json")
-def {name}(data: DataRef, out: str) -> StepResult:
-    """Check `data` and pass it on; write new outputs under `out` and return their DataRef."""
-    image = tag_run_with_image()
-    verify(data)
-    summary = [{{"rows": data["rows"], "columns": len(data["columns"])}}]
-    report = f"### {name}: {{data['rows']}} rows from `{{data['uri']}}`\\n"
-    create_markdown_artifact(key="{key}-report", markdown=report, description=data["uri"])
-    return StepResult(output=data, summary=summary, report=report, image=image, **usage())
-
-
-def verify(ref: DataRef) -> None:
-    """Fail unless the stored object exists and matches its reference byte for byte."""
-    fs, path = fsspec.core.url_to_fs(ref["uri"])
-    if not fs.exists(path):
-        raise FileNotFoundError(f"stored object missing: {{ref['uri']}}")
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    if digest.hexdigest() != ref["sha256"]:
-        raise ValueError(f"stored object corrupt: {{ref['uri']}} does not match its sha256")
-
-
-def usage() -> dict[str, Any]:
-    """This process's peak memory and CPU time: what the run cost."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return {{"peak_rss_bytes": own.ru_maxrss * 1024, "cpu_seconds": round(own.ru_utime + own.ru_stime, 3)}}
-
-
-def tag_run_with_image() -> str:
-    """Tag this run with the image it runs in (set by the work pool): the UI shows what ran."""
-    image = os.environ.get("COMPONENT_IMAGE", "unknown")
-    with get_client(sync_client=True) as client:
-        client.update_flow_run(flow_run.id, tags=[*flow_run.tags, f"image:{{image}}"])
-    return image
+@step
+def {name}(data: Dataset) -> Output:
+    """Summarise `data` and pass it on; add parameters of your own after `data`, and take
+    `out: Out` to write outputs (`out.write_table(table, "name.parquet")` returns their reference)."""
+    rows = sum(batch.num_rows for batch in data.batches())
+    summary = [{{"rows": rows, "columns": len(data.ref["columns"])}}]
+    report = f"### {name}: {{rows}} rows from `{{data.ref['uri']}}`\\n"
+    return Output(data.ref, summary, report)
 '''
 
-TEST = '''"""Unit tests of the {name} component, without Docker."""
+TEST = '''"""Unit tests of the {name} component, without Docker: its flow on a real Parquet file."""
 
 import hashlib
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from stepkit import WIRE, DataRef
 
 from {name} import {name} as component
 
 
 @pytest.fixture
-def stored(tmp_path) -> component.DataRef:
+def stored(tmp_path) -> DataRef:
     path = tmp_path / "input.parquet"
-    path.write_bytes(b"stand-in bytes: {name} only verifies them")
-    return component.DataRef(
-        uri=f"file://{{path}}", rows=3, columns=["a"], bytes=path.stat().st_size,
-        sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+    pq.write_table(pa.table({{"a": [1, 2, 3]}}), path)
+    data = path.read_bytes()
+    return DataRef(
+        wire=WIRE, uri=f"file://{{path}}", rows=3, columns=["a"], bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
     )  # fmt: skip
 
 
 def test_passes_valid_data_on(prefect_api, stored, tmp_path):
-    result = component.{name}(stored, f"file://{{tmp_path}}/{name}")
+    result = component.{name}(data=stored, out=f"file://{{tmp_path}}/{name}")
     assert result["output"] == stored and result["summary"] == [{{"rows": 3, "columns": 1}}]
 
 
 def test_refuses_a_corrupt_object(prefect_api, stored, tmp_path):
     corrupt = {{**stored, "sha256": "0" * 64}}
-    assert component.{name}(corrupt, f"file://{{tmp_path}}/{name}", return_state=True).is_failed()
+    state = component.{name}(data=corrupt, out=f"file://{{tmp_path}}/{name}", return_state=True)
+    assert state.is_failed()
 '''
 
-REQUIREMENTS = """# {name}'s own dependencies beyond the base image's prefect; `make lock` pins them.
-s3fs  # fsspec's S3 file system, for an s3:// data store
+REQUIREMENTS = """# {name}'s own dependencies beyond the base image's prefect and the step kit's; `make lock` pins them.
 """
 
 
@@ -160,7 +106,7 @@ def scaffold(name: str, root: Path = ROOT) -> None:
     directory = root / name
     directory.mkdir()
     try:
-        (directory / f"{name}.py").write_text(FLOW.format(name=name, key=name.replace("_", "-")))
+        (directory / f"{name}.py").write_text(FLOW.format(name=name))
         (directory / f"test_{name}.py").write_text(TEST.format(name=name))
         (directory / "requirements.txt").write_text(REQUIREMENTS.format(name=name))
         subprocess.run([sys.executable, str(root / "tools" / "lock.py"), "--only", name], check=True)

@@ -3,9 +3,10 @@
     build:
       - tools/image_tag.py:image_tag: {id: component, directory: subflow}
 
-The tag is a hash of what the image is made of: the component's files that the build context
-really holds (docker-py's own reading of .dockerignore), the shared recipe and its build args
-(the base-image pin and the flows' user).
+The tag is a hash of what the image is made of: the component's files and the step kit's
+(stepkit/) that the build context really holds (docker-py's own reading of .dockerignore), the
+shared recipe and its build args (the base-image pin and the flows' user). So a kit change
+retags every component, and each is rebuilt when it is next deployed.
 Same content, same tag, nothing to rebuild; any change, a new tag, so no worker ever runs a stale
 image. Pure Python, so it gives the same tag on Linux, macOS and Windows.
 """
@@ -20,6 +21,7 @@ from docker.utils.build import exclude_paths
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "component.Dockerfile"
+KIT = "stepkit"  # copied into every component image by the recipe
 BUILD_ARGS = ("PREFECT_IMAGE", "FLOW_UID")  # what prefect.yaml passes the recipe from .env
 
 
@@ -42,18 +44,21 @@ def image_tag(directory: str) -> ImageTag:
 
 
 def content_hash(directory: Path, build_args: list[str]) -> str:
-    """12 hex digits of sha256 over the component's context files, the recipe and its build args."""
+    """12 hex digits of sha256 over the component's and the kit's context files, the recipe and its
+    build args."""
     if not (directory / "requirements.lock").is_file():
         raise FileNotFoundError(f"{directory} is not a component: it has no requirements.lock")
     patterns = (ROOT / ".dockerignore").read_text().splitlines()
-    prefix = f"{directory.relative_to(ROOT).as_posix()}/"
-    files = sorted(f for f in exclude_paths(str(ROOT), patterns) if Path(f).as_posix().startswith(prefix))
+    prefixes = (f"{directory.relative_to(ROOT).as_posix()}/", f"{KIT}/")
+    files = sorted(
+        Path(f).as_posix() for f in exclude_paths(str(ROOT), patterns) if Path(f).as_posix().startswith(prefixes)
+    )
     digest = hashlib.sha256("\0".join(build_args).encode() + b"\0" + RECIPE.read_bytes())
     for name in files:
         path = ROOT / name
         if path.is_file():
             # Names with forward slashes and file bytes as they are: the same on every OS.
-            digest.update(b"\0" + Path(name).as_posix().encode() + b"\0" + path.read_bytes())
+            digest.update(b"\0" + name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
 
 

@@ -4,7 +4,8 @@
     python tools/lock.py --check    # offline: every lock still satisfies its inputs
 
 Each image lock (components, worker) covers its requirements.txt plus the Prefect pin of .env,
-so the whole environment of an image is locked, not only what it adds to the base image. The
+and a component's also the step kit's requirements (stepkit/requirements.txt), so the whole
+environment of an image is locked, not only what it adds to the base image. The
 dev lock (requirements-dev.lock, the host's tests and CLI) covers pyproject.toml's dev extra and
 every image's requirements.txt, so unit tests import exactly what the images run.
 """
@@ -22,6 +23,7 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parent.parent
 DEV_LOCK = ROOT / "requirements-dev.lock"
 S3_TEST = ROOT / "tests" / "s3" / "requirements.txt"
+KIT = ROOT / "stepkit" / "requirements.txt"  # not an image: part of every component's
 PYTHON = "3.11"  # the Python of the images and of CI
 
 
@@ -32,9 +34,15 @@ def prefect_pin() -> str:
 def image_inputs() -> dict[Path, list[str]]:
     """Each image's lock file and the requirements it must satisfy."""
     # Components and the worker are built FROM the Prefect image; the S3 test endpoint is not.
+    kit = read_requirements(KIT) if KIT.is_file() else []
     locks = {
-        txt.with_suffix(".lock"): [prefect_pin(), *read_requirements(txt)]
+        txt.with_suffix(".lock"): [
+            prefect_pin(),
+            *read_requirements(txt),
+            *([] if txt.parent.name == "worker" else kit),
+        ]
         for txt in sorted(ROOT.glob("*/requirements.txt"))
+        if txt != KIT
     }
     if S3_TEST.is_file():  # not in a copy of the deployable part (tests/harness.py)
         locks[S3_TEST.with_suffix(".lock")] = read_requirements(S3_TEST)

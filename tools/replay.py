@@ -2,7 +2,7 @@
 
     python tools/replay.py <main run id> [--watch]     # make replay RUN=<main run id>
 
-It reads the run's output (runs/<id>/output.json in the data store), then starts a new run of
+It reads the run's output (its output.json in the data store's run layout), then starts a new run of
 the same deployment with the same input reference, steps and parameters, the main flow's image as
 a per-run job variable and each step's image in `images`, so the main flow passes those to
 run_deployment. Nothing is rebuilt or redeployed. Run it in the `cli` service (make replay).
@@ -10,7 +10,6 @@ run_deployment. Nothing is rebuilt or redeployed. Run it in the `cli` service (m
 
 import argparse
 import json
-import os
 import sys
 import time
 from uuid import UUID
@@ -18,9 +17,11 @@ from uuid import UUID
 import fsspec
 from prefect import get_client
 
+from stepkit.layout import RunLayout
+
 
 def replay(run_id: UUID, watch: bool) -> None:
-    uri = f"{os.environ['PIPELINE_DATA_URL'].rstrip('/')}/runs/{run_id}/output.json"
+    uri = RunLayout.of(run_id).output
     try:
         with fsspec.open(uri) as file:
             output = json.load(file)

@@ -8,8 +8,11 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from prefect import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from conftest import IRIS, ROOT
+from stepkit import WIRE, DataRef
 from validate import validate as component
 
 # The schema the pipeline declares in prefect.yaml, so the test checks the real declaration.
@@ -19,18 +22,22 @@ DEPLOYMENT = next(
 SCHEMA = DEPLOYMENT["parameters"]["columns"]
 
 
-def store(table: pa.Table, path: Path) -> component.DataRef:
+def store(table: pa.Table, path: Path) -> DataRef:
     pq.write_table(table, path)
     data = path.read_bytes()
-    return component.DataRef(
-        uri=f"file://{path}", rows=table.num_rows, columns=table.schema.names,
+    return DataRef(
+        wire=WIRE, uri=f"file://{path}", rows=table.num_rows, columns=table.schema.names,
         bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
     )  # fmt: skip
 
 
+def check(ref: DataRef) -> list[dict]:
+    return component.check(pq.ParquetFile(ref["uri"].removeprefix("file://")), component.to_pandera(SCHEMA))
+
+
 def test_the_declared_schema_admits_the_iris_data(tmp_path):
     ref = store(pacsv.read_csv(IRIS), tmp_path / "iris.parquet")
-    assert component.check(ref["uri"], component.to_pandera(SCHEMA)) == []
+    assert check(ref) == []
 
 
 def test_failures_name_the_column_the_check_the_value_and_the_row(tmp_path):
@@ -38,7 +45,7 @@ def test_failures_name_the_column_the_check_the_value_and_the_row(tmp_path):
     table["petal_width"][3] = -1.0
     table["sepal_length"][7] = None
     ref = store(pa.table(table), tmp_path / "bad.parquet")
-    failures = component.check(ref["uri"], component.to_pandera(SCHEMA))
+    failures = check(ref)
     found = {(f["column"], f["check"], f["row"]) for f in failures}
     assert ("petal_width", "greater_than_or_equal_to(0)", 3) in found  # the schema as declared
     assert ("sepal_length", "not_nullable", 7) in found
@@ -46,7 +53,7 @@ def test_failures_name_the_column_the_check_the_value_and_the_row(tmp_path):
 
 def test_a_missing_column_is_a_failure(tmp_path):
     ref = store(pa.table({"species": ["x"]}), tmp_path / "x.parquet")
-    failures = component.check(ref["uri"], component.to_pandera(SCHEMA))
+    failures = check(ref)
     assert {f["failure_case"] for f in failures} >= {"sepal_length", "petal_width"}
 
 
@@ -54,16 +61,21 @@ def test_flow_fails_with_a_report(prefect_api, tmp_path):
     table = pacsv.read_csv(IRIS).to_pydict()
     table["petal_width"][3] = -1.0
     ref = store(pa.table(table), tmp_path / "bad.parquet")
-    state = component.validate(ref, f"file://{tmp_path}/out", SCHEMA, return_state=True)
+    state = component.validate(data=ref, out=f"file://{tmp_path}/out", columns=SCHEMA, return_state=True)
     assert state.is_failed()
     first = r"column 'petal_width' failed greater_than_or_equal_to\(0.0\) with '-1.0' at row 3"
     with pytest.raises(ValueError, match=r"validation failed with 1 failure case\(s\); the first: " + first):
         state.result()
+    with get_client(sync_client=True) as client:  # the report is published on failure too
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["validate-report"]))
+        )
+    assert any("150 rows, 1 problems" in a.data and "| petal_width" in a.data for a in artifacts)
 
 
 def test_flow_passes_valid_data_on_unchanged(prefect_api, tmp_path):
     ref = store(pacsv.read_csv(IRIS), tmp_path / "iris.parquet")
-    result = component.validate(ref, f"file://{tmp_path}/out", SCHEMA)
+    result = component.validate(data=ref, out=f"file://{tmp_path}/out", columns=SCHEMA)
     assert result["output"] == ref
     assert [s["column"] for s in result["summary"]] == ref["columns"]
     assert "150 rows, valid" in result["report"]

@@ -1,0 +1,150 @@
+"""Step orchestration: each step a child flow run of its deployment, started with
+run_deployment() on a reference, waited for on the server's event stream, its result checked."""
+
+import asyncio
+import time
+from typing import Any
+from uuid import UUID
+
+import anyio
+from prefect import get_client
+from prefect.client.schemas.objects import TERMINAL_STATES, FlowRun
+from prefect.deployments import run_deployment
+from prefect.events.clients import get_events_subscriber
+from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+from prefect.exceptions import ObjectNotFound
+from prefect.states import Cancelled, Cancelling
+from prefect.utilities.asyncutils import run_coro_as_sync
+
+from stepkit import STEP_RESULT, DataRef, RunLayout, WireMismatch, check_wire
+
+SAFETY_READ_S = 5.0  # reads of the steps' runs besides the event stream, should an event be lost
+FINAL = {state.value for state in TERMINAL_STATES}  # as events label them
+
+
+class PipelineError(RuntimeError):
+    """A step did not deliver a usable result."""
+
+
+def step_groups(steps: list[str | list[str]]) -> list[list[str]]:
+    """The steps as groups that run one after another; refuse a step listed twice."""
+    groups = [step if isinstance(step, list) else [step] for step in steps]
+    names = [name for group in groups for name in group]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated or any(not group for group in groups):
+        raise ValueError(f"invalid steps {steps}: each step once, no empty groups (repeated: {repeated})")
+    return groups
+
+
+def run_group(
+    group: list[str],
+    data: DataRef,
+    layout: RunLayout,
+    images: dict[str, str],
+    timeout_s: float,
+) -> dict[str, dict[str, Any]]:
+    """Run the steps of a group at once on `data`; their results by deployment name."""
+    started = {name: start_step(name, data, layout.step(name), images.get(name)) for name in group}
+    finished = wait_for_runs(started, timeout_s)
+    failed = [
+        f"step {name} (run {run.name!r}) ended {run.state.name}: {run.state.message}"
+        for name, run in finished.items()
+        if not run.state.is_completed()
+    ]
+    if failed:
+        raise PipelineError("; ".join(failed))
+    return {name: step_result(name, run) for name, run in finished.items()}
+
+
+def start_step(name: str, data: DataRef, out: str, image: str | None) -> FlowRun:
+    """Create the child run of one step; `image` pins its image (a replay)."""
+    try:
+        return run_deployment(
+            name,
+            parameters={"data": data, "out": out},
+            timeout=0,  # return at once: wait_for_runs waits for the whole group
+            job_variables={"image": image} if image else None,
+        )
+    except ObjectNotFound as exc:
+        raise PipelineError(
+            f"deployment {name!r} not found: register it with `prefect deploy --name {name.split('/')[1]}`"
+        ) from exc
+
+
+def wait_for_runs(runs: dict[str, FlowRun], timeout_s: float) -> dict[str, FlowRun]:
+    """Wait until every run is final; cancel the rest and fail at the deadline."""
+    names = {run.id: name for name, run in runs.items()}
+    finished = run_coro_as_sync(until_final(list(names), time.monotonic() + timeout_s))
+    waiting = [run for run in finished if not final(run)]
+    if waiting:
+        with get_client(sync_client=True) as client:
+            for run in waiting:
+                cancel(client, run, f"main flow stopped waiting after {timeout_s}s")
+        raise PipelineError("; ".join(not_finished(run, timeout_s) for run in waiting))
+    return {names[run.id]: run for run in finished}
+
+
+async def until_final(ids: list[UUID], deadline: float) -> list[FlowRun]:
+    """Read the runs whenever the server's event stream reports a state of one of them (and every
+    few seconds besides) until all are final or the deadline passes: no polling interval to wait out."""
+    states = EventFilter(
+        event=EventNameFilter(prefix=["prefect.flow-run."]),
+        resource=EventResourceFilter(id=[f"prefect.flow-run.{run_id}" for run_id in ids]),
+    )
+    async with get_client() as client, get_events_subscriber(filter=states) as events:
+        stream, soon = aiter(events), False
+        while True:
+            runs = await asyncio.gather(*(client.read_flow_run(run_id) for run_id in ids))
+            left = deadline - time.monotonic()
+            if all(final(run) for run in runs) or left <= 0:
+                return runs
+            with anyio.move_on_after(0.1 if soon else min(SAFETY_READ_S, left)):
+                soon = False
+                event = await anext(stream)
+                # A final state's event can come before reads show it: then read again soon.
+                soon = event.resource.get("prefect.state-type") in FINAL
+
+
+def not_finished(run: FlowRun, timeout_s: float) -> str:
+    state = run.state.name if run.state else "unknown"
+    return (
+        f"step run {run.name!r} did not finish within {timeout_s}s (state {state}); it was cancelled. "
+        f"Check that a worker is polling work pool {run.work_pool_name!r}."
+    )
+
+
+def final(run: FlowRun) -> bool:
+    return run.state is not None and run.state.is_final()
+
+
+def cancel(client: Any, run: FlowRun, reason: str) -> None:
+    """Cancel a child run that will not be waited for: never leave it queued forever."""
+    started = run.state is not None and run.state.is_running()
+    # A run that has not started is cancelled outright; a running one through its worker.
+    state = Cancelling(message=reason) if started else Cancelled(message=reason)
+    client.set_flow_run_state(run.id, state, force=True)
+
+
+def step_result(name: str, run: FlowRun) -> dict[str, Any]:
+    """A finished step's result, checked against the contract."""
+    result = run.state.result()
+    wrong = [k for k, kind in STEP_RESULT.items() if not isinstance(result.get(k), kind)]
+    if wrong:
+        raise PipelineError(f"step {name} returned a result that lacks or mistypes {wrong}: {str(result)[:300]}")
+    try:
+        check_wire(result["output"], "the main flow")
+    except WireMismatch as exc:
+        raise PipelineError(f"step {name} (run {run.name!r}): {exc}") from exc
+    return {**result, "flow_run_id": str(run.id)}
+
+
+def run_steps(
+    groups: list[list[str]], data: DataRef, layout: RunLayout, images: dict[str, str], timeout_s: float
+) -> dict[str, dict[str, Any]]:
+    """Run the groups one after another, each on the previous group's first output."""
+    results: dict[str, dict[str, Any]] = {}
+    for group in groups:
+        done = run_group(group, data, layout, images, timeout_s)
+        results.update(done)
+        data = done[group[0]]["output"]  # after a parallel group, its first step's output
+    return results

@@ -1,0 +1,20 @@
+"""stepkit: the contract every pipeline component is built with, in one versioned package.
+
+It owns the references that travel between components (`DataRef`, with the wire format's
+version), the step result, the run layout in the data store, atomic hashed writes, reads that
+check the sha256 while they read, and the `@step` decorator that turns a function of (input
+dataset, own parameters) into a Prefect flow with the contract's signature. component.Dockerfile
+copies it into every component image, so each image keeps the kit it was built with.
+"""
+
+from stepkit.contract import STEP_RESULT, WIRE, DataRef, StepName, StepResult, WireMismatch, check_wire
+from stepkit.layout import RunLayout
+from stepkit.step import Dataset, Out, Output, StepFailed, step, tag_run_with_image, usage
+from stepkit.store import atomic_write, verify
+
+__version__ = "1.0.0"  # see README, "The step kit": which changes need every component redeployed
+
+__all__ = [
+    "STEP_RESULT", "WIRE", "DataRef", "Dataset", "Out", "Output", "RunLayout", "StepFailed", "StepName",
+    "StepResult", "WireMismatch", "atomic_write", "check_wire", "step", "tag_run_with_image", "usage", "verify",
+]  # fmt: skip

@@ -1,0 +1,57 @@
+"""What travels between components: a reference to a stored object, and a step's result."""
+
+from typing import Annotated, Any
+
+from pydantic import Field
+from typing_extensions import TypedDict  # pydantic needs it for parameters on Python 3.11
+
+# The wire format of DataRef and StepResult. Bump it only for a change that a component built
+# with the previous kit cannot read; every component must then be redeployed (README).
+WIRE = 1
+
+# A step is its deployment's full name, `flow/deployment`: what run_deployment() takes.
+StepName = Annotated[str, Field(pattern=r"^[\w.-]+/[\w.-]+$")]
+
+
+class DataRef(TypedDict):
+    """A complete object in the data store, and what it holds."""
+
+    wire: int
+    uri: str
+    rows: int
+    columns: list[str]
+    bytes: int
+    sha256: str
+
+
+class StepResult(TypedDict):
+    """What every step returns to the main flow (a step may add keys of its own)."""
+
+    output: DataRef
+    summary: list[dict[str, Any]]
+    report: str
+    image: str
+    peak_rss_bytes: int
+    cpu_seconds: float
+
+
+# The keys the main flow reads from every step's result, and their JSON types.
+STEP_RESULT: dict[str, type] = {"output": dict, "summary": list, "report": str, "image": str}
+
+
+class WireMismatch(ValueError):
+    """A reference written with another wire format than this kit reads."""
+
+
+def check_wire(ref: dict[str, Any], reader: str = "this component") -> None:
+    """Refuse a reference of another wire format, naming both versions and what to redeploy."""
+    from stepkit import __version__
+
+    got, uri = (ref.get("wire", 0), ref.get("uri")) if isinstance(ref, dict) else (0, ref)
+    if got == WIRE:
+        return
+    fix = "redeploy the component that wrote it" if got < WIRE else f"redeploy {reader}"
+    raise WireMismatch(
+        f"reference {uri} has wire format {got}, but {reader} (stepkit {__version__}) reads wire format "
+        f"{WIRE}: {fix} with the current stepkit"
+    )

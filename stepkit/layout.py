@@ -1,0 +1,63 @@
+"""The run layout in the data store, defined once:
+
+<store>/runs/<main run id>/input.parquet   the ingested source
+<store>/runs/<main run id>/<step>/...      each step's own outputs (<step>: its deployment name)
+<store>/runs/<main run id>/output.json     the pipeline output
+<store>/results/                           Prefect's persisted results
+"""
+
+import os
+from dataclasses import dataclass
+
+RUNS = "runs"
+RESULTS = "results"
+
+
+def store_url() -> str:
+    """The data store, PIPELINE_DATA_URL (from .env through the pool template), without a trailing /."""
+    url = os.environ.get("PIPELINE_DATA_URL", "").rstrip("/")
+    if not url:
+        raise RuntimeError("PIPELINE_DATA_URL is not set: the work pool's template sets it from .env")
+    return url
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where one main run's objects live in the store."""
+
+    store: str
+    run_id: str
+
+    @classmethod
+    def of(cls, run_id: object, store: str | None = None) -> "RunLayout":
+        return cls((store or store_url()).rstrip("/"), str(run_id))
+
+    @property
+    def dir(self) -> str:
+        return f"{self.store}/{RUNS}/{self.run_id}"
+
+    @property
+    def input(self) -> str:
+        return f"{self.dir}/input.parquet"
+
+    @property
+    def output(self) -> str:
+        return f"{self.dir}/output.json"
+
+    def step(self, name: str) -> str:
+        """A step's own directory, from its `flow/deployment` name."""
+        return f"{self.dir}/{name.split('/')[-1]}"
+
+
+def runs_root(store: str | None = None) -> str:
+    return f"{(store or store_url()).rstrip('/')}/{RUNS}"
+
+
+def results_root(store: str | None = None) -> str:
+    return f"{(store or store_url()).rstrip('/')}/{RESULTS}"
+
+
+def run_id_of(uri: str) -> str | None:
+    """The main run an object of the store belongs to, or None."""
+    marker = f"/{RUNS}/"
+    return uri.split(marker, 1)[1].split("/", 1)[0] if marker in uri else None

@@ -1,0 +1,162 @@
+"""The `@step` decorator: a function of (input dataset, own parameters) becomes a Prefect flow
+with the contract's signature (`data`, `out`, own parameters) and result."""
+
+import inspect
+import os
+import resource
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from prefect import flow, get_client
+from prefect.artifacts import create_markdown_artifact
+from prefect.flows import Flow
+from prefect.runtime import flow_run
+
+from stepkit.contract import WIRE, DataRef, StepResult, check_wire
+from stepkit.store import VerifyingReader, atomic_write, open_verified
+
+if TYPE_CHECKING:  # pyarrow is imported where it is used: the cli image deploys steps without it
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+
+class Dataset:
+    """The step's input, opened once: every byte is hashed as the step reads it."""
+
+    def __init__(self, ref: DataRef, reader: VerifyingReader):
+        self.ref, self._reader = ref, reader
+
+    def parquet(self) -> "pq.ParquetFile":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(self._reader)
+
+    def batches(self, batch_size: int = 1 << 20) -> Iterator["pa.RecordBatch"]:
+        """The rows in record batches, in order."""
+        yield from self.parquet().iter_batches(batch_size=batch_size)
+
+    def finish(self) -> None:
+        """Hash what the step did not read, and fail unless the input matches its reference."""
+        self._reader.finish()
+
+
+class Out:
+    """Where the step writes its outputs (the `out` of the contract)."""
+
+    def __init__(self, uri: str, data: Dataset):
+        self.uri, self._data = uri.rstrip("/"), data
+
+    def write_table(self, table: "pa.Table", name: str) -> DataRef:
+        """Store `table` as Parquet at out/`name`, atomically; its reference. The input is
+        verified first, so nothing is written from an input that does not match its reference."""
+        import pyarrow.parquet as pq
+
+        self._data.finish()
+        uri = f"{self.uri}/{name}"
+        with atomic_write(uri) as sink:
+            pq.write_table(table, sink)
+        return DataRef(
+            wire=WIRE, uri=uri, rows=table.num_rows, columns=table.schema.names,
+            bytes=sink.bytes, sha256=sink.sha256.hexdigest(),
+        )  # fmt: skip
+
+
+class StepFailed(ValueError):
+    """The step's verdict on its input (e.g. validation failed), with the report to publish."""
+
+    def __init__(self, message: str, report: str):
+        super().__init__(message)
+        self.report = report
+
+
+def verified_or_raise_from(data: Dataset, exc: Exception) -> None:
+    """After the step's logic failed: if the input was corrupt, say that instead."""
+    try:
+        data.finish()
+    except ValueError as corrupt:
+        raise corrupt from exc
+
+
+@dataclass
+class Output:
+    """What a step's logic returns: its output reference, a small summary, a markdown report,
+    and any extra keys of its own for the result."""
+
+    output: DataRef
+    summary: list[dict[str, Any]]
+    report: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def step(fn: Callable[..., Output] | None = None, *, name: str | None = None) -> Any:
+    """Make `fn(data: Dataset, [out: Out,] **own) -> Output` a flow `name(data: DataRef, out: str,
+    **own) -> StepResult`: it verifies the input as it is read, tags the run with its image,
+    publishes the report as the artifact `<name>-report` (also when the logic raises StepFailed)
+    and adds the run's usage."""
+
+    def wrap(fn: Callable[..., Output]) -> Flow:
+        flow_name = name or fn.__name__.replace("_", "-")
+        signature = inspect.signature(fn)
+        own = [p for p in signature.parameters.values() if p.name not in ("data", "out")]
+        wants_out = "out" in signature.parameters
+
+        def run(**parameters: Any) -> StepResult:
+            image = tag_run_with_image()
+            ref, out = parameters.pop("data"), parameters.pop("out")
+            with open_verified(ref) as reader:
+                data = Dataset(ref, reader)
+                try:
+                    result = fn(data=data, **({"out": Out(out, data)} if wants_out else {}), **parameters)
+                    data.finish()
+                except StepFailed as exc:
+                    data.finish()  # a corrupt input is named as such, not as the step's verdict on it
+                    create_markdown_artifact(key=f"{flow_name}-report", markdown=exc.report, description=ref["uri"])
+                    raise
+                except Exception as exc:
+                    verified_or_raise_from(data, exc)
+                    raise
+            check_wire(result.output, f"step {flow_name}")
+            create_markdown_artifact(key=f"{flow_name}-report", markdown=result.report, description=ref["uri"])
+            return {
+                **result.extra,
+                "output": result.output,
+                "summary": result.summary,
+                "report": result.report,
+                "image": image,
+                **usage(),
+            }
+
+        # Prefect reads the parameter schema and validates calls from the signature: the contract's.
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        run.__signature__ = inspect.Signature(
+            [
+                inspect.Parameter("data", keyword, annotation=DataRef),
+                inspect.Parameter("out", keyword, annotation=str),
+                *(p.replace(kind=keyword) for p in own),
+            ],
+            return_annotation=StepResult,
+        )
+        run.__annotations__ = {
+            "data": DataRef, "out": str, **{p.name: p.annotation for p in own}, "return": StepResult,
+        }  # fmt: skip
+        for attribute in ("__name__", "__qualname__", "__doc__", "__module__"):
+            setattr(run, attribute, getattr(fn, attribute))
+        # JSON results: the main flow reads them from the result store without importing this module.
+        return flow(name=flow_name, persist_result=True, result_serializer="json")(run)
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def usage() -> dict[str, Any]:
+    """This process's peak memory and CPU time: what the run cost."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return {"peak_rss_bytes": own.ru_maxrss * 1024, "cpu_seconds": round(own.ru_utime + own.ru_stime, 3)}
+
+
+def tag_run_with_image() -> str:
+    """Tag this run with the image it runs in (set by the work pool): the UI shows what ran."""
+    image = os.environ.get("COMPONENT_IMAGE", "unknown")
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, tags=[*flow_run.tags, f"image:{image}"])
+    return image

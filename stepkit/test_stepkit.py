@@ -1,0 +1,152 @@
+"""Unit tests of the step kit on real files and real Prefect runs, without Docker."""
+
+import hashlib
+import io
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from prefect.client.schemas.objects import FlowRun
+from prefect.states import Completed
+
+import stepkit
+from conftest import CountingFileSystem
+from main_flow import steps
+from stepkit import WIRE, DataRef, Dataset, Output, RunLayout, WireMismatch, atomic_write, check_wire, step, verify
+from stepkit.layout import run_id_of
+from stepkit.store import VerifyingReader, open_verified
+
+
+def stored(uri: str, table: pa.Table, **options) -> DataRef:
+    """`table` written through the kit as Parquet at `uri`, and its reference."""
+    with atomic_write(uri) as sink:
+        pq.write_table(table, sink, **options)
+    return DataRef(
+        wire=WIRE, uri=uri, rows=table.num_rows, columns=table.column_names, bytes=sink.bytes,
+        sha256=sink.sha256.hexdigest(),
+    )  # fmt: skip
+
+
+@pytest.fixture
+def counted(tmp_path):
+    """A 200,000-row table in 8 row groups behind counted://, as a step would get it."""
+    table = pa.table({"g": [i % 7 for i in range(200_000)], "v": [float(i) for i in range(200_000)]})
+    ref = stored(f"file://{tmp_path}/input.parquet", table, row_group_size=25_000)
+    CountingFileSystem.opens = CountingFileSystem.bytes_read = 0
+    return {**ref, "uri": f"counted://{tmp_path}/input.parquet"}
+
+
+def test_atomic_write_hashes_and_leaves_nothing_partial(tmp_path):
+    with atomic_write(f"file://{tmp_path}/a/b.bin") as sink:
+        sink.write(b"hello")
+    assert (tmp_path / "a" / "b.bin").read_bytes() == b"hello"
+    assert sink.sha256.hexdigest() == hashlib.sha256(b"hello").hexdigest() and sink.bytes == 5
+    with pytest.raises(RuntimeError), atomic_write(f"file://{tmp_path}/a/c.bin") as sink:
+        sink.write(b"half")
+        raise RuntimeError("the writer failed")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["b.bin"]
+
+
+def test_verify_names_a_missing_or_corrupt_object(tmp_path):
+    ref = stored(f"file://{tmp_path}/input.parquet", pa.table({"a": [1, 2, 3]}))
+    verify(ref)
+    path = tmp_path / "input.parquet"
+    path.write_bytes(path.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ValueError, match="stored object corrupt: .*input.parquet does not match its sha256"):
+        verify(ref)
+    path.write_bytes(path.read_bytes() + b"more")
+    with pytest.raises(ValueError, match="stored object corrupt"):
+        verify(ref)
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match="stored object missing: .*input.parquet"):
+        verify(ref)
+
+
+def test_the_verifying_reader_serves_any_read_pattern_and_hashes_each_byte_once(tmp_path):
+    data = bytes(range(256)) * 40_000  # 10 MB: several chunks
+    (tmp_path / "x").write_bytes(data)
+    ref = DataRef(wire=WIRE, uri="", rows=0, columns=[], bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    with open(tmp_path / "x", "rb") as file:
+        reader = VerifyingReader(file, ref)
+        reader.seek(-65536, io.SEEK_END)
+        assert reader.read() == data[-65536:]  # a footer first, as Parquet reads
+        reader.seek(4)
+        assert reader.read(3_000_000) == data[4:3_000_004]  # a small gap before it
+        reader.seek(5_000_000)
+        assert reader.read(100) == data[5_000_000:5_000_100]  # a larger one
+        reader.seek(10)
+        assert reader.read(5) == data[10:15]  # back again
+        reader.finish()
+    assert reader.fetched <= len(data) + 5
+
+
+def test_each_step_of_the_kit_reads_its_input_once(prefect_api, counted, tmp_path):
+    @step
+    def summing(data: Dataset) -> Output:
+        total = sum(pa.compute.sum(batch["v"]).as_py() for batch in data.batches(batch_size=10_000))
+        return Output(data.ref, [{"total": total}], "summed")
+
+    result = summing(data=counted, out=f"file://{tmp_path}/out")
+    assert result["summary"] == [{"total": float(sum(range(200_000)))}]
+    assert CountingFileSystem.opens == 1
+    assert counted["bytes"] <= CountingFileSystem.bytes_read <= counted["bytes"] + 1024
+
+
+def test_a_corrupt_input_fails_the_step_by_name_and_it_writes_nothing(prefect_api, counted, tmp_path):
+    @step
+    def copying(data: Dataset, out: stepkit.Out) -> Output:
+        table = pa.Table.from_batches(list(data.batches()))
+        return Output(out.write_table(table, "copy.parquet"), [], "copied")
+
+    state = copying(data={**counted, "sha256": "0" * 64}, out=f"file://{tmp_path}/out", return_state=True)
+    with pytest.raises(ValueError, match="stored object corrupt: counted://.*input.parquet does not match its sha256"):
+        state.result()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_reference_of_another_wire_format_is_refused_naming_both_versions(prefect_api, counted, tmp_path):
+    older = {k: v for k, v in counted.items() if k != "wire"}  # as written before the kit had one
+    with pytest.raises(WireMismatch, match=f"has wire format 0, but this component \\(stepkit {stepkit.__version__}\\) "
+                       f"reads wire format {WIRE}: redeploy the component that wrote it"):  # fmt: skip
+        check_wire(older)
+    newer = {**counted, "wire": WIRE + 1}
+    with pytest.raises(WireMismatch, match=f"has wire format {WIRE + 1}, .* reads wire format {WIRE}: redeploy this"):
+        check_wire(newer)
+
+    @step
+    def passing(data: Dataset) -> Output:
+        return Output(data.ref, [], "")
+
+    state = passing(data=newer, out=f"file://{tmp_path}/out", return_state=True)
+    with pytest.raises(WireMismatch, match=f"wire format {WIRE + 1}, .*reads wire format {WIRE}"):
+        state.result()
+
+
+def test_the_main_flow_refuses_a_result_from_a_step_built_with_an_older_kit(counted):
+    """A step redeployed before the kit had a wire format returns references without one."""
+    old_output = {k: v for k, v in counted.items() if k != "wire"}
+    result = {"output": old_output, "summary": [], "report": "", "image": "registry.example.com/subflow:old"}
+    run = FlowRun(name="old-subflow", flow_id=counted["sha256"][:32], state=Completed(data=result))
+    with pytest.raises(steps.PipelineError) as failure:
+        steps.step_result("subflow/subflow", run)
+    message = str(failure.value)
+    assert message.startswith("step subflow/subflow (run 'old-subflow'): reference counted://")
+    assert f"has wire format 0, but the main flow (stepkit {stepkit.__version__}) reads wire format {WIRE}" in message
+
+
+def test_the_run_layout_is_defined_once(monkeypatch):
+    monkeypatch.setenv("PIPELINE_DATA_URL", "s3://bucket/data/")
+    layout = RunLayout.of("abc")
+    assert layout.dir == "s3://bucket/data/runs/abc"
+    assert (layout.input, layout.output) == (f"{layout.dir}/input.parquet", f"{layout.dir}/output.json")
+    assert layout.step("subflow/subflow") == f"{layout.dir}/subflow"
+    assert run_id_of(f"{layout.step('validate/validate')}/x.parquet") == "abc" and run_id_of("s3://b/x") is None
+    monkeypatch.delenv("PIPELINE_DATA_URL")
+    with pytest.raises(RuntimeError, match="PIPELINE_DATA_URL is not set"):
+        RunLayout.of("abc")
+
+
+def test_open_verified_names_a_missing_object(tmp_path):
+    ref = DataRef(wire=WIRE, uri=f"file://{tmp_path}/gone.parquet", rows=1, columns=["a"], bytes=1, sha256="0" * 64)
+    with pytest.raises(FileNotFoundError, match="stored object missing: file://.*gone.parquet"), open_verified(ref):
+        pass

@@ -1,0 +1,57 @@
+"""The scaffold's component as `make component` writes it: about 15 lines of logic that fit the
+contract, and a unit test that passes. No Docker; the e2e suite deploys and runs one."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from harness import ROOT
+from prefect.settings import PREFECT_API_URL
+
+sys.path.insert(0, str(ROOT / "tools"))
+import component  # noqa: E402
+import test_contract  # noqa: E402
+
+# The generated test asks for `prefect_api`: here, the server this test already runs.
+CONFTEST = """import pytest
+
+
+@pytest.fixture
+def prefect_api():
+    yield
+"""
+
+
+def scaffolded(root: Path, name: str = "enrich") -> Path:
+    """The component's flow and test as the scaffold writes them (its lock is `make lock`'s)."""
+    directory = root / name
+    directory.mkdir(parents=True)
+    (directory / f"{name}.py").write_text(component.FLOW.format(name=name))
+    (directory / f"test_{name}.py").write_text(component.TEST.format(name=name))
+    (root / "conftest.py").write_text(CONFTEST)
+    return directory
+
+
+def test_the_scaffolded_step_is_about_fifteen_lines_and_fits_the_contract(tmp_path):
+    code = scaffolded(tmp_path) / "enrich.py"
+    assert len(code.read_text().splitlines()) <= 15
+    module = test_contract.load(code)
+    assert test_contract.violations(test_contract.stepkit.contract, module, "enrich", {}) == []
+
+
+def test_the_scaffolded_unit_test_passes(prefect_api, tmp_path):
+    directory = scaffolded(tmp_path)
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=importlib", str(directory)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_the_scaffold_adds_the_step_to_the_end_of_the_pipeline():
+    text = component.add_step((ROOT / "prefect.yaml").read_text(), "enrich/enrich")
+    main = next(d for d in yaml.safe_load(text)["deployments"] if d["name"] == "main")
+    assert main["parameters"]["steps"] == ["validate/validate", "subflow/subflow", "enrich/enrich"]
