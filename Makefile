@@ -14,7 +14,8 @@ up:  ## On failure, the one-shot services' logs say why
 deploy:
 	$(CLI) prefect deploy --all
 
-run:
+run:  ## Warns first if prefect.yaml's steps are not the registered ones
+	$(CLI) python tools/pipeline.py check
 	$(CLI) prefect deployment run main-flow/main --watch
 
 output:  ## make output RUN=<main run id>: the run's output.json, from either store

@@ -11,23 +11,25 @@ from pydantic import Field
 
 # Package imports: Prefect loads this file as module `main_flow` with this directory on its path.
 from main_flow.ingest import Settings, ingest
-from main_flow.steps import run_steps, step_groups
-from stepkit import DataRef, RunLayout, StepName, atomic_write, tag_run_with_image, usage, verify
+from main_flow.steps import registered_steps, run_steps, step_groups
+from stepkit import DataRef, RunLayout, StepName, Steps, atomic_write, tag_run_with_image, usage, verify
 
 
 @flow(name="main-flow")
 def main_flow(
     source: Annotated[str, Field(min_length=1)] = "iris.csv",
-    steps: list[StepName | list[StepName]] | None = None,
+    steps: Steps | None = None,
     data: DataRef | None = None,
     images: dict[StepName, str] | None = None,
     max_bytes: Annotated[int, Field(ge=1)] = 4 << 30,
     fetch_timeout_s: Annotated[float, Field(ge=1)] = 1800.0,
     step_timeout_s: Annotated[float, Field(ge=1)] = 1800.0,
 ) -> dict[str, Any]:
-    """Load `source` into the store and run `steps` on it; `data` and `images` replay a past run."""
+    """Load `source` into the store and run `steps` (by default the pipeline's, as last deployed)
+    on it; `data` and `images` replay a past run."""
     image = tag_run_with_image()
-    groups = step_groups(steps or [])
+    steps = steps if steps is not None else registered_steps()
+    groups = step_groups(steps)
     layout = RunLayout.of(flow_run.id)
     if data is None:
         data = ingest(source, layout.input, Settings(), max_bytes, fetch_timeout_s)
@@ -39,7 +41,7 @@ def main_flow(
         "main_flow_run_id": str(flow_run.id),
         "main_image": image,
         "source": source,
-        "steps": steps or [],
+        "steps": steps,
         "input": data,
         "results": results,
         "output_uri": layout.output,

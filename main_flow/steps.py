@@ -7,7 +7,7 @@ from typing import Any
 from uuid import UUID
 
 import anyio
-from prefect import get_client
+from prefect import get_client, get_run_logger
 from prefect.client.schemas.objects import TERMINAL_STATES, FlowRun
 from prefect.deployments import run_deployment
 from prefect.events.clients import get_events_subscriber
@@ -15,8 +15,9 @@ from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFi
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Cancelled, Cancelling
 from prefect.utilities.asyncutils import run_coro_as_sync
+from prefect.variables import Variable
 
-from stepkit import STEP_RESULT, DataRef, RunLayout, WireMismatch, check_wire
+from stepkit import PIPELINE_STEPS, STEP_RESULT, DataRef, RunLayout, Steps, WireMismatch, check_wire
 
 SAFETY_READ_S = 5.0  # reads of the steps' runs besides the event stream, should an event be lost
 FINAL = {state.value for state in TERMINAL_STATES}  # as events label them
@@ -24,6 +25,18 @@ FINAL = {state.value for state in TERMINAL_STATES}  # as events label them
 
 class PipelineError(RuntimeError):
     """A step did not deliver a usable result."""
+
+
+def registered_steps() -> Steps:
+    """The pipeline's steps as the last `prefect deploy` registered them (tools/pipeline.py)."""
+    steps = Variable.get(PIPELINE_STEPS)
+    if steps is None:
+        raise PipelineError(
+            f"no pipeline registered (Variable {PIPELINE_STEPS!r} is missing): run `prefect deploy --all`, "
+            "or pass `steps`"
+        )
+    get_run_logger().info("steps, as last deployed: %s", steps)
+    return steps
 
 
 def step_groups(steps: list[str | list[str]]) -> list[list[str]]:

@@ -7,7 +7,17 @@ dataset, own parameters) into a Prefect flow with the contract's signature. comp
 copies it into every component image, so each image keeps the kit it was built with.
 """
 
-from stepkit.contract import STEP_RESULT, WIRE, DataRef, StepName, StepResult, WireMismatch, check_wire
+from stepkit.contract import (
+    PIPELINE_STEPS,
+    STEP_RESULT,
+    WIRE,
+    DataRef,
+    StepName,
+    StepResult,
+    Steps,
+    WireMismatch,
+    check_wire,
+)  # fmt: skip
 from stepkit.layout import RunLayout
 from stepkit.step import Dataset, Out, Output, StepFailed, step, tag_run_with_image, usage
 from stepkit.store import atomic_write, verify
@@ -15,6 +25,7 @@ from stepkit.store import atomic_write, verify
 __version__ = "1.0.0"  # see README, "The step kit": which changes need every component redeployed
 
 __all__ = [
-    "STEP_RESULT", "WIRE", "DataRef", "Dataset", "Out", "Output", "RunLayout", "StepFailed", "StepName",
-    "StepResult", "WireMismatch", "atomic_write", "check_wire", "step", "tag_run_with_image", "usage", "verify",
+    "PIPELINE_STEPS", "STEP_RESULT", "WIRE", "DataRef", "Dataset", "Out", "Output", "RunLayout",
+    "StepFailed", "StepName", "StepResult", "Steps", "WireMismatch", "atomic_write", "check_wire",
+    "step", "tag_run_with_image", "usage", "verify",
 ]  # fmt: skip

@@ -9,8 +9,12 @@ from typing_extensions import TypedDict  # pydantic needs it for parameters on P
 # with the previous kit cannot read; every component must then be redeployed (README).
 WIRE = 1
 
-# A step is its deployment's full name, `flow/deployment`: what run_deployment() takes.
+# A step is its deployment's full name, `flow/deployment`: what run_deployment() takes. A
+# pipeline is a list of steps run one after another; a list inside runs its steps at once.
 StepName = Annotated[str, Field(pattern=r"^[\w.-]+/[\w.-]+$")]
+Steps = list[StepName | list[StepName]]
+# The Prefect Variable that holds the pipeline's steps as last deployed (tools/pipeline.py).
+PIPELINE_STEPS = "pipeline-steps"
 
 
 class DataRef(TypedDict):

@@ -7,6 +7,7 @@ so tests and benchmarks run beside the user's stack (project `modular-pipeline`,
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,6 +93,29 @@ def expected_summary(table: pa.Table) -> list[dict[str, Any]]:
     return summary
 
 
+def readme_blocks(heading: str) -> list[list[str]]:
+    """The shell commands of each ```bash block under README.md's `heading` (up to the next heading
+    of its level or above): continuation lines joined, comments dropped, as a user would type them."""
+    text = (ROOT / "README.md").read_text()
+    level = heading.split(" ", 1)[0]
+    start = text.index(f"\n{heading}\n")
+    end = re.search(rf"\n#{{1,{len(level)}}} ", text[start + 1 :])
+    section = text[start : start + 1 + end.start()] if end else text[start:]
+    blocks = []
+    for block in re.findall(r"```bash\n(.*?)```", section, re.S):
+        joined = re.sub(r"\\\n\s*", "", block)
+        blocks.append([re.sub(r"\s+#\s.*$", "", line).strip() for line in joined.splitlines() if line.strip()])
+    return blocks
+
+
+def fill(command: str, **values: str) -> str:
+    """A README command with its <placeholders> filled in; fail on one left."""
+    for name, value in values.items():
+        command = command.replace(f"<{name.replace('_', ' ')}>", value)
+    assert "<" not in command, f"unfilled placeholder in {command!r}"
+    return command
+
+
 def docker_available() -> bool:
     return bool(shutil.which("docker")) and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
 
@@ -151,6 +175,16 @@ class Stack:
                 f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
             )
         return proc
+
+    def shell(self, command: str, cwd: Path = ROOT, **env: str) -> str:
+        """A README command, as written, in this stack's environment (its project, ports and
+        registry) with the host's .venv for make; its output."""
+        return self.sh("bash", "-c", command, cwd=cwd, timeout=1800, VENV=str(self.venv), **env).stdout
+
+    @property
+    def venv(self) -> Path:
+        """The host's virtualenv, for make in a copy of the project."""
+        return Path(sys.executable).parent.parent
 
     def compose(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
         overlays = [str(TEST_OVERLAY)] * bool(self.s3_port) + list(self.extra_files)
@@ -312,11 +346,13 @@ class Stack:
 
 
 def project_copy(directory: Path) -> Path:
-    """A copy of the project's deployable part, to change a component without touching the repo."""
+    """A copy of the project, to change a component or follow the README without touching the
+    repo. The dev lock keeps its time, so make takes the host's .venv as up to date."""
     directory.mkdir(parents=True, exist_ok=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
-    for name in (".env", ".dockerignore", "prefect.yaml", "component.Dockerfile"):
+    for name in (".env", ".dockerignore", "prefect.yaml", "component.Dockerfile", "docker-compose.yml", "Makefile"):
         shutil.copy(ROOT / name, directory / name)
+    shutil.copy2(ROOT / "requirements-dev.lock", directory / "requirements-dev.lock")
     for component in [p.parent.name for p in ROOT.glob("*/requirements.lock")] + ["tools", "stepkit"]:
         shutil.copytree(ROOT / component, directory / component, ignore=ignore)
     return directory

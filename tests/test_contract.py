@@ -52,7 +52,7 @@ def pipeline(root: Path = ROOT) -> tuple[ModuleType, dict[str, tuple[ModuleType,
         path, function = deployment["entrypoint"].split(":")
         module = load(root / path)
         by_name[f"{getattr(module, function).name}/{deployment['name']}"] = (module, function, deployment)
-    steps = by_name["main-flow/main"][2]["parameters"]["steps"]
+    steps = config["definitions"]["steps"]
     names = [name for group in steps for name in (group if isinstance(group, list) else [group])]
     return stepkit.contract, {name: by_name[name] for name in names}
 

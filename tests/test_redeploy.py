@@ -1,20 +1,20 @@
-"""Independent components on real Docker: redeploy one, in flight, roll back, replay, scaffold one.
+"""Independent components on real Docker: redeploy one, in flight, roll back and replay with the
+README's make commands as written. (Adding one: tests/test_readme.py.)
 
 Changed components are deployed from a copy of the project, so the repository stays untouched;
 `restore` redeploys the repository's own subflow afterwards.
 """
 
-import sys
-import time
 from pathlib import Path
 
 import pytest
-import yaml
-from harness import project_copy, wait_for
+from harness import fill, project_copy, readme_blocks, wait_for
 
 pytestmark = pytest.mark.e2e
 
 HEADING = '    heading = f"### {data'
+# make versions, make rollback, make replay: the README's block, run as written.
+VERSIONS, ROLLBACK, REPLAY = readme_blocks("## Redeploying, rolling back, replaying")[1]
 
 
 def changed_subflow(directory: Path, marker: str) -> Path:
@@ -29,10 +29,6 @@ def changed_subflow(directory: Path, marker: str) -> Path:
 
 def image_id(stack, image: str) -> str:
     return stack.sh("docker", "image", "inspect", "--format", "{{.Id}}", image).stdout.strip()
-
-
-def cli(stack, *args: str, check: bool = True):
-    return stack.compose("run", "--rm", "-T", "cli", *args, check=check)
 
 
 @pytest.fixture
@@ -118,13 +114,13 @@ def test_rollback_to_an_earlier_version_without_a_build(stack, restore, tmp_path
     v2 = stack.deployment("subflow/subflow").job_variables["image"]
     tag1, tag2 = v1.rsplit(":", 1)[1], v2.rsplit(":", 1)[1]
 
-    listing = cli(stack, "python", "tools/versions.py", "list", "subflow").stdout
-    marks = {line.split()[-2]: line.startswith("*") for line in listing.splitlines()}
+    listing = stack.shell(VERSIONS)
+    marks = {line.split()[-2]: line.startswith("*") for line in listing.splitlines() if len(line.split()) >= 2}
     assert marks[tag2] and not marks[tag1], listing
 
     # Remove v1 from this engine: the run below must pull it from the registry, not rebuild.
     stack.sh("docker", "image", "rm", v1)
-    assert f"now runs {v1}" in cli(stack, "python", "tools/versions.py", "rollback", "subflow", tag1).stdout
+    assert f"now runs {v1}" in stack.shell(fill(ROLLBACK, tag=tag1))
     assert stack.deployment("subflow/subflow").job_variables["image"] == v1
     assert stack.deployment("subflow/subflow").version == tag1
 
@@ -134,7 +130,7 @@ def test_rollback_to_an_earlier_version_without_a_build(stack, restore, tmp_path
     assert result["image"] == v1 and result["report"].startswith("### 150 rows")
     image_id(stack, v1)  # pulled back by the worker
 
-    missing = cli(stack, "python", "tools/versions.py", "rollback", "subflow", "0000deadbeef", check=False)
+    missing = stack.sh("bash", "-c", fill(ROLLBACK, tag="0000deadbeef"), check=False)
     assert missing.returncode != 0
     assert f"{stack.registry}/subflow:0000deadbeef is not in the registry" in missing.stderr
 
@@ -144,7 +140,7 @@ def test_replay_runs_the_old_images_on_the_old_input(stack, restore, tmp_path):
     old_output = stack.output(old)
     stack.deploy("subflow", cwd=changed_subflow(tmp_path, "v2"))  # a new subflow since then
 
-    replayed = cli(stack, "python", "tools/replay.py", str(old.id), "--watch").stdout
+    replayed = stack.shell(fill(REPLAY, main_run_id=str(old.id)))
     new_id = replayed.split(" as ", 1)[1].split()[0]
     new = stack.read_run(new_id)
     assert new.state.is_completed() and f"replay-of:{old.id}" in new.tags
@@ -159,30 +155,3 @@ def test_replay_runs_the_old_images_on_the_old_input(stack, restore, tmp_path):
     assert not stack.exists(stack.layout(new_id).input)
     latest = stack.run("main-flow/main")  # while a new run gets the new subflow
     assert stack.output(latest)["results"]["subflow/subflow"]["report"].startswith("### v2 ")
-
-
-def test_scaffold_a_component_deploy_it_and_the_pipeline_runs_it(stack, tmp_path):
-    """The README's "Add a component": make component NAME=x, deploy, the next run includes it."""
-    project = project_copy(tmp_path)
-    scaffold = stack.sh(sys.executable, "tools/component.py", "enrich", cwd=project)
-    assert "the pipeline's steps end with enrich/enrich" in scaffold.stdout
-    again = stack.sh(sys.executable, "tools/component.py", "enrich", cwd=project, check=False)
-    assert again.returncode != 0 and "'enrich' is taken" in again.stderr
-    steps = next(
-        d for d in yaml.safe_load((project / "prefect.yaml").read_text())["deployments"] if d["name"] == "main"
-    )
-    assert steps["parameters"]["steps"][-1] == "enrich/enrich"
-
-    started = time.time() - 1
-    stack.deploy("enrich", "main", cwd=project)
-    run = stack.run("main-flow/main")
-    assert run.state.is_completed(), run.state
-    output = stack.output(run)
-    assert list(output["results"]) == ["validate/validate", "subflow/subflow", "enrich/enrich"]
-    enrich = output["results"]["enrich/enrich"]
-    assert enrich["image"].startswith(f"{stack.registry}/enrich:")
-    # Each step gets the previous step's output: here the subflow's summary, 3 groups x 6 columns.
-    assert enrich["output"] == output["results"]["subflow/subflow"]["output"]
-    assert enrich["summary"] == [{"rows": 3, "columns": 6}]
-    assert stack.read_run(enrich["flow_run_id"]).start_time.timestamp() > started
-    stack.deploy("main")  # the repository's pipeline again

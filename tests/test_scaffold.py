@@ -53,5 +53,4 @@ def test_the_scaffolded_unit_test_passes(prefect_api, tmp_path):
 
 def test_the_scaffold_adds_the_step_to_the_end_of_the_pipeline():
     text = component.add_step((ROOT / "prefect.yaml").read_text(), "enrich/enrich")
-    main = next(d for d in yaml.safe_load(text)["deployments"] if d["name"] == "main")
-    assert main["parameters"]["steps"] == ["validate/validate", "subflow/subflow", "enrich/enrich"]
+    assert yaml.safe_load(text)["definitions"]["steps"] == ["validate/validate", "subflow/subflow", "enrich/enrich"]

@@ -5,7 +5,7 @@ import json
 import time
 
 import pytest
-from harness import S3_KEYS, SETTINGS, expected_summary, iris_like, wait_for, write_csv
+from harness import S3_KEYS, SETTINGS, expected_summary, iris_like, readme_blocks, wait_for, write_csv
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 pytestmark = pytest.mark.e2e
@@ -117,3 +117,7 @@ def test_retention_removes_old_run_data_results_and_variables(stack):
     with stack.api() as client:
         assert client.read_variable_by_name(variables[old.id]) is None
         assert client.read_variable_by_name(variables[new.id]) is not None
+    # The README's command, as written: nothing is 7 days old here, so the new run stays.
+    (command,) = [b[0] for b in readme_blocks("## Data by reference") if b[0].startswith("make retention")]
+    assert "Completed" in stack.shell(command)
+    assert stack.exists(stack.layout(new.id).output)

@@ -3,9 +3,9 @@
     python tools/component.py enrich      # make component NAME=enrich
 
 Creates enrich/ (a step built with the step kit, requirements.txt and its lock, and a unit
-test that `make test-unit` runs), appends enrich's deployment to prefect.yaml and adds
-enrich/enrich to the end of the pipeline's steps. Refuses a name that is taken. Then edit the
-flow and deploy it: `docker compose run --rm cli prefect deploy --name enrich`.
+test), appends enrich's deployment to prefect.yaml and adds enrich/enrich to the end of the
+pipeline's steps. Refuses a name that is taken. Then edit the flow and deploy it: `docker compose
+run --rm cli prefect deploy --name enrich`, which also registers the new steps.
 """
 
 import argparse
@@ -84,9 +84,9 @@ DEPLOYMENT = """
 
 
 def add_step(text: str, step: str) -> str:
-    """prefect.yaml's text with `step` appended to the main deployment's steps list."""
+    """prefect.yaml's text with `step` appended to the pipeline's steps (`definitions.steps`)."""
     lines = text.splitlines(keepends=True)
-    start = next(i for i, line in enumerate(lines) if line.strip() == "steps:")
+    start = next(i for i, line in enumerate(lines) if line.strip() == "steps: &steps")
     end = start + 1
     while end < len(lines) and (lines[end].strip().startswith("- ") or lines[end].strip().startswith("#")):
         end += 1
@@ -101,8 +101,8 @@ def scaffold(name: str, root: Path = ROOT) -> None:
     if (root / name).exists() or name in [d["name"] for d in config["deployments"]]:
         sys.exit(f"error: {name!r} is taken: {root / name} or a deployment of that name exists")
     text = add_step((root / "prefect.yaml").read_text(), f"{name}/{name}") + DEPLOYMENT.format(name=name)
-    main = next(d for d in yaml.safe_load(text)["deployments"] if "steps" in d.get("parameters", {}))
-    assert main["parameters"]["steps"][-1] == f"{name}/{name}", main  # where the pipeline reads it
+    steps = yaml.safe_load(text)["definitions"]["steps"]
+    assert steps[-1] == f"{name}/{name}", steps  # where every deploy registers the pipeline from
     directory = root / name
     directory.mkdir()
     try:
@@ -115,7 +115,10 @@ def scaffold(name: str, root: Path = ROOT) -> None:
         raise
     (root / "prefect.yaml").write_text(text)
     print(f"created {name}/ and its deployment; the pipeline's steps end with {name}/{name}.")
-    print(f"Next: edit {name}/{name}.py, then: docker compose run --rm cli prefect deploy --name {name}")
+    print(
+        f"Next: edit {name}/{name}.py, then: docker compose run --rm cli prefect deploy --name {name}\n"
+        "(any deploy registers prefect.yaml's steps: the next pipeline run includes it)"
+    )
 
 
 def main() -> None:

@@ -1,0 +1,66 @@
+"""The README's walkthroughs, run as written against the test stack: a README edit that breaks
+one fails here. Only the environment differs (the stack's project, ports and registry, and the
+host's .venv for make), and placeholders such as <main run id> are filled from earlier output.
+Each runs in a copy of the project, so the repository is never changed."""
+
+import json
+import re
+
+import pytest
+from harness import fill, project_copy, readme_blocks
+
+pytestmark = pytest.mark.e2e
+
+
+def run_id(watched: str) -> str:
+    """The run id that `prefect deployment run --watch` printed."""
+    return re.search(r"UUID: ([0-9a-f-]{36})", watched).group(1)
+
+
+def test_adding_a_component_as_the_readme_says(stack, tmp_path):
+    """Adding a component: the scaffold, one deploy, one run; then Reading the output."""
+    project = project_copy(tmp_path)
+    (adding,) = readme_blocks("## Adding a component")
+    assert adding[0] == "make component NAME=enrich" and len(adding) == 3, adding
+    try:
+        printed = [stack.shell(command, cwd=project) for command in adding]
+        assert "the pipeline's steps end with enrich/enrich" in printed[0]
+        assert "prefect deploy --name enrich" in printed[0]  # the scaffold's "Next:" is the README's
+        run = stack.read_run(run_id(printed[2]))
+        assert run.state.is_completed(), run.state
+        (reading,) = [b for b in readme_blocks("## Data by reference") if b[0].startswith("make output")]
+        output = json.loads(stack.shell(fill(reading[0], main_run_id=str(run.id)), cwd=project).split("\n", 1)[1])
+        assert list(output["results"]) == ["validate/validate", "subflow/subflow", "enrich/enrich"]
+        enrich = output["results"]["enrich/enrich"]
+        assert enrich["image"].startswith(f"{stack.registry}/enrich:")
+        # Each step gets the previous step's output: here the subflow's summary, 3 groups x 6 columns.
+        assert enrich["output"] == output["results"]["subflow/subflow"]["output"]
+        assert enrich["summary"] == [{"rows": 3, "columns": 6}]
+        again = stack.sh("make", "component", "NAME=enrich", cwd=project, check=False, VENV=str(stack.venv))
+        assert again.returncode != 0 and "'enrich' is taken" in again.stderr
+    finally:
+        with stack.api() as client:  # the repository's pipeline again
+            client.delete_deployment(stack.deployment("enrich/enrich").id)
+        stack.deploy("main")
+
+
+def test_editing_steps_reaches_the_next_run_with_one_deploy_and_make_run_warns_until_then(stack, tmp_path):
+    project = project_copy(tmp_path)
+    config = project / "prefect.yaml"
+    config.write_text(
+        config.read_text().replace("    - validate/validate\n    - subflow/subflow\n", "    - subflow/subflow\n")
+    )
+    warned = stack.sh("make", "run", cwd=project, VENV=str(stack.venv))
+    assert "warning: prefect.yaml's steps ['subflow/subflow'] are not the registered pipeline" in warned.stderr
+    assert "prefect deploy --name main" in warned.stderr
+    assert list(stack.output(stack.read_run(run_id(warned.stdout)))["results"]) == [
+        "validate/validate", "subflow/subflow"
+    ]  # fmt: skip
+    (register,) = [b for b in readme_blocks("## Steps: the pipeline in `prefect.yaml`") if b]
+    try:
+        stack.shell(register[0], cwd=project)
+        done = stack.sh("make", "run", cwd=project, VENV=str(stack.venv))
+        assert "warning" not in done.stderr
+        assert list(stack.output(stack.read_run(run_id(done.stdout)))["results"]) == ["subflow/subflow"]
+    finally:
+        stack.deploy("main")

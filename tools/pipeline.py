@@ -1,0 +1,58 @@
+"""The pipeline's steps: declared once in prefect.yaml (`definitions.steps`), registered with the
+server by every `prefect deploy`, read by each main-flow run that passes no `steps` of its own.
+
+    push:
+      - tools/pipeline.py:register_steps: {steps: *steps}    # prefect.yaml: runs on every deploy
+    python tools/pipeline.py check                           # make run: warn if they differ
+
+So `prefect deploy --name enrich` after `make component NAME=enrich` is enough for the next run
+to include enrich, and an edit of `steps` alone reaches the next run with `prefect deploy --name
+main` (main's image is unchanged, so nothing is built).
+"""
+
+import sys
+from pathlib import Path
+from typing import TypedDict
+
+import yaml
+from prefect.variables import Variable
+from pydantic import TypeAdapter, ValidationError
+
+from stepkit import PIPELINE_STEPS, Steps
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Registered(TypedDict):
+    steps: Steps
+
+
+def register_steps(steps: list) -> Registered:
+    """A `prefect deploy` push step: save the pipeline's steps as the Variable the main flow reads."""
+    try:
+        checked = TypeAdapter(Steps).validate_python(steps)
+    except ValidationError as exc:
+        raise ValueError(f"prefect.yaml's steps {steps} are not a pipeline: each is `flow/deployment` ({exc})") from exc
+    Variable.set(PIPELINE_STEPS, checked, overwrite=True, _sync=True)
+    return Registered(steps=checked)
+
+
+def declared(root: Path = ROOT) -> Steps:
+    return yaml.safe_load((root / "prefect.yaml").read_text())["definitions"]["steps"]
+
+
+def check() -> None:
+    """Warn, without failing, when prefect.yaml's steps are not the ones the server has."""
+    registered = Variable.get(PIPELINE_STEPS, _sync=True)
+    if registered != declared():
+        print(
+            f"warning: prefect.yaml's steps {declared()} are not the registered pipeline {registered}: "
+            "register them with `docker compose run --rm cli prefect deploy --name main`",
+            file=sys.stderr,
+        )
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["check"]:
+        sys.exit("usage: python tools/pipeline.py check")
+    check()
