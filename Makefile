@@ -41,8 +41,8 @@ $(BIN)/pytest: requirements-dev.lock
 	$(BIN)/pip install -q --require-hashes -r requirements-dev.lock
 	touch $@
 
-test: lint  ## Lint, unit tests, then the e2e tests on a stack of their own
-	$(BIN)/pytest
+test: lint test-unit  ## Lint, unit tests, then the e2e tests on a stack of their own
+	$(BIN)/pytest -m e2e
 
 test-unit: $(BIN)/pytest  ## Everything but the Docker tests, in seconds
 	$(BIN)/pytest -m "not e2e"
@@ -54,8 +54,8 @@ lint: $(BIN)/pytest
 lock: $(BIN)/pytest  ## Recompile every requirements.lock and requirements-dev.lock
 	$(BIN)/python tools/lock.py
 
-bench: $(BIN)/pytest  ## Latency, hops, sizes, throughput, redeploys: docker vs process workers
-	$(BIN)/python bench/benchmark.py
+bench: $(BIN)/pytest  ## Latency, hops, sizes, throughput, redeploys: docker vs process workers; ARGS="--smoke" etc.
+	$(BIN)/python bench/benchmark.py $(ARGS)
 
 down:  ## Stop your stack; volumes (database, registry, data) stay
 	docker compose down

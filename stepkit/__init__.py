@@ -20,12 +20,12 @@ from stepkit.contract import (
 )  # fmt: skip
 from stepkit.layout import RunLayout
 from stepkit.step import Dataset, Out, Output, StepFailed, step, tag_run_with_image, usage
-from stepkit.store import atomic_write, verify
+from stepkit.store import atomic_write, verify, write_parquet
 
 __version__ = "1.0.0"  # see README, "The step kit": which changes need every component redeployed
 
 __all__ = [
     "PIPELINE_STEPS", "STEP_RESULT", "WIRE", "DataRef", "Dataset", "Out", "Output", "RunLayout",
     "StepFailed", "StepName", "StepResult", "Steps", "WireMismatch", "atomic_write", "check_wire",
-    "step", "tag_run_with_image", "usage", "verify",
+    "step", "tag_run_with_image", "usage", "verify", "write_parquet",
 ]  # fmt: skip

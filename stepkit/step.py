@@ -13,8 +13,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.flows import Flow
 from prefect.runtime import flow_run
 
-from stepkit.contract import WIRE, DataRef, StepResult, check_wire
-from stepkit.store import VerifyingReader, atomic_write, open_verified
+from stepkit.contract import DataRef, StepResult, check_wire
+from stepkit.store import VerifyingReader, open_verified, write_parquet
 
 if TYPE_CHECKING:  # pyarrow is imported where it is used: the cli image deploys steps without it
     import pyarrow as pa
@@ -50,16 +50,8 @@ class Out:
     def write_table(self, table: "pa.Table", name: str) -> DataRef:
         """Store `table` as Parquet at out/`name`, atomically; its reference. The input is
         verified first, so nothing is written from an input that does not match its reference."""
-        import pyarrow.parquet as pq
-
         self._data.finish()
-        uri = f"{self.uri}/{name}"
-        with atomic_write(uri) as sink:
-            pq.write_table(table, sink)
-        return DataRef(
-            wire=WIRE, uri=uri, rows=table.num_rows, columns=table.schema.names,
-            bytes=sink.bytes, sha256=sink.sha256.hexdigest(),
-        )  # fmt: skip
+        return write_parquet(table, f"{self.uri}/{name}")
 
 
 class StepFailed(ValueError):

@@ -6,12 +6,15 @@ import io
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from stepkit.contract import DataRef, check_wire
+from stepkit.contract import WIRE, DataRef, check_wire
+
+if TYPE_CHECKING:  # pyarrow is imported where it is used: the cli image deploys steps without it
+    import pyarrow as pa
 
 CHUNK = 1 << 20
 OUT_OF_ORDER_CACHE = 64 << 20  # bytes read ahead of the hash (a Parquet footer) kept for it
@@ -64,6 +67,19 @@ def atomic_write(uri: str) -> Iterator[HashingWriter]:
     except BaseException:
         file.discard()
         raise
+
+
+def write_parquet(table: "pa.Table", uri: str, **options: Any) -> DataRef:
+    """Store `table` as Parquet at `uri` (pyarrow's write options, e.g. row_group_size),
+    atomically; its reference."""
+    import pyarrow.parquet as pq
+
+    with atomic_write(uri) as sink:
+        pq.write_table(table, sink, **options)
+    return DataRef(
+        wire=WIRE, uri=uri, rows=table.num_rows, columns=table.schema.names,
+        bytes=sink.bytes, sha256=sink.sha256.hexdigest(),
+    )  # fmt: skip
 
 
 class VerifyingReader(io.RawIOBase):

@@ -4,7 +4,6 @@ import hashlib
 import io
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from prefect.client.schemas.objects import FlowRun
 from prefect.states import Completed
@@ -12,26 +11,28 @@ from prefect.states import Completed
 import stepkit
 from conftest import CountingFileSystem
 from main_flow import steps
-from stepkit import WIRE, DataRef, Dataset, Output, RunLayout, WireMismatch, atomic_write, check_wire, step, verify
+from stepkit import (
+    WIRE,
+    DataRef,
+    Dataset,
+    Output,
+    RunLayout,
+    WireMismatch,
+    atomic_write,
+    check_wire,
+    step,
+    verify,
+    write_parquet,
+)
 from stepkit.layout import run_id_of
 from stepkit.store import VerifyingReader, open_verified
-
-
-def stored(uri: str, table: pa.Table, **options) -> DataRef:
-    """`table` written through the kit as Parquet at `uri`, and its reference."""
-    with atomic_write(uri) as sink:
-        pq.write_table(table, sink, **options)
-    return DataRef(
-        wire=WIRE, uri=uri, rows=table.num_rows, columns=table.column_names, bytes=sink.bytes,
-        sha256=sink.sha256.hexdigest(),
-    )  # fmt: skip
 
 
 @pytest.fixture
 def counted(tmp_path):
     """A 200,000-row table in 8 row groups behind counted://, as a step would get it."""
     table = pa.table({"g": [i % 7 for i in range(200_000)], "v": [float(i) for i in range(200_000)]})
-    ref = stored(f"file://{tmp_path}/input.parquet", table, row_group_size=25_000)
+    ref = write_parquet(table, f"file://{tmp_path}/input.parquet", row_group_size=25_000)
     CountingFileSystem.opens = CountingFileSystem.bytes_read = 0
     return {**ref, "uri": f"counted://{tmp_path}/input.parquet"}
 
@@ -48,7 +49,7 @@ def test_atomic_write_hashes_and_leaves_nothing_partial(tmp_path):
 
 
 def test_verify_names_a_missing_or_corrupt_object(tmp_path):
-    ref = stored(f"file://{tmp_path}/input.parquet", pa.table({"a": [1, 2, 3]}))
+    ref = write_parquet(pa.table({"a": [1, 2, 3]}), f"file://{tmp_path}/input.parquet")
     verify(ref)
     path = tmp_path / "input.parquet"
     path.write_bytes(path.read_bytes()[:-1] + b"\0")

@@ -1,6 +1,5 @@
 """Unit tests of the subflow component on real Parquet in a local store, without Docker."""
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -12,19 +11,13 @@ from prefect import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from conftest import IRIS, IRIS_SETOSA
-from stepkit import WIRE, DataRef
+from stepkit import DataRef, write_parquet
 from subflow import subflow as component
 
 
 def store(table: pa.Table, path: Path) -> DataRef:
     """`table` as a Parquet object, and its reference, as the main flow would pass it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
-    data = path.read_bytes()
-    return DataRef(
-        wire=WIRE, uri=f"file://{path}", rows=table.num_rows, columns=table.schema.names,
-        bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
-    )  # fmt: skip
+    return write_parquet(table, f"file://{path}")
 
 
 def parquet(ref: DataRef) -> pq.ParquetFile:

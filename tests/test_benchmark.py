@@ -2,18 +2,16 @@
 every run in it is correct. It asks for `stack` so the user's stack is checked around it too."""
 
 import json
-import sys
 
 import pytest
-from harness import ROOT
 
 pytestmark = pytest.mark.e2e
 
 
 def test_benchmark_smoke(stack, tmp_path):
     out, chart = tmp_path / "results.json", tmp_path / "sizes.png"
-    script = str(ROOT / "bench" / "benchmark.py")
-    proc = stack.sh(sys.executable, script, "--smoke", "--out", str(out), "--chart", str(chart), timeout=3600)
+    args = f"ARGS=--smoke --out {out} --chart {chart}"
+    proc = stack.sh("make", "bench", args, timeout=3600, VENV=str(stack.venv))
     results = json.loads(out.read_text())
     floor = results["floor"]
     for component in ("main_flow", "validate", "subflow"):  # importing costs more than starting

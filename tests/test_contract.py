@@ -24,7 +24,7 @@ from prefect.utilities.callables import parameter_schema
 
 import stepkit
 from conftest import ROOT, CountingFileSystem
-from stepkit import WIRE, DataRef, Dataset, Out, Output, RunLayout, step, verify
+from stepkit import WIRE, Dataset, Out, Output, RunLayout, step, verify, write_parquet
 
 SAMPLE = {
     "wire": WIRE,
@@ -102,7 +102,7 @@ def test_every_step_reads_its_input_once(prefect_api, name, tmp_path):
     module, function, deployment = pipeline()[1][name]
     table = iris_like(200_000)
     table = table.set_column(4, "species", table["species"].cast(pa.string()))  # as ingest writes it
-    ref = stored(f"file://{tmp_path}/input.parquet", table, row_group_size=25_000)
+    ref = write_parquet(table, f"file://{tmp_path}/input.parquet", row_group_size=25_000)
     CountingFileSystem.opens = CountingFileSystem.bytes_read = 0
     counted = {**ref, "uri": f"counted://{tmp_path}/input.parquet"}
     result = getattr(module, function)(data=counted, out=f"file://{tmp_path}/out", **deployment.get("parameters", {}))
@@ -162,19 +162,10 @@ def double(data: Dataset, out: Out, factor: int = 2) -> Output:
 
 def test_a_step_built_with_the_kit_round_trips_a_reference(prefect_api, tmp_path):
     layout = RunLayout.of("run-1", f"file://{tmp_path}")
-    first = double(data=stored(layout.input, pa.table({"x": [1, 2, 3]})), out=layout.step("double/double"))
+    first = double(data=write_parquet(pa.table({"x": [1, 2, 3]}), layout.input), out=layout.step("double/double"))
     assert violations(stepkit.contract, sys.modules[__name__], "double", {"parameters": {"factor": 3}}) == []
     assert first["output"]["uri"] == f"{layout.dir}/double/doubled.parquet" and first["factor"] == 2
     verify(first["output"])  # a complete, hashed reference of the kit's wire format
     second = double(data=first["output"], out=layout.step("again/again"), factor=5)  # the next step reads it
     assert pa.parquet.read_table(second["output"]["uri"].removeprefix("file://"))["x"].to_pylist() == [10, 20, 30]
     assert {"report", "image", "summary", "peak_rss_bytes", "cpu_seconds"} <= set(second)
-
-
-def stored(uri: str, table: pa.Table, **options) -> DataRef:
-    with stepkit.atomic_write(uri) as sink:
-        pa.parquet.write_table(table, sink, **options)
-    return DataRef(
-        wire=WIRE, uri=uri, rows=table.num_rows, columns=table.column_names, bytes=sink.bytes,
-        sha256=sink.sha256.hexdigest(),
-    )  # fmt: skip

@@ -17,20 +17,21 @@ def docker(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["docker", *args], capture_output=True, text=True)
 
 
-def make_clean(answer: str, **env: str) -> subprocess.CompletedProcess:
+def make(target: str, answer: str = "", **env: str) -> subprocess.CompletedProcess:
     environment = {**os.environ, "COMPOSE_PROJECT_NAME": SCRATCH, **env}
-    return subprocess.run(["make", "clean"], cwd=ROOT, input=answer, env=environment, capture_output=True, text=True)
+    return subprocess.run(["make", target], cwd=ROOT, input=answer, env=environment, capture_output=True, text=True)
 
 
-def test_make_clean_deletes_nothing_without_a_yes(stack):
+def test_make_down_keeps_volumes_and_make_clean_deletes_nothing_without_a_yes(stack):
     labels = [f"com.docker.compose.project={SCRATCH}", "com.docker.compose.volume=data"]
     assert docker("volume", "create", *(a for label in labels for a in ("--label", label)), VOLUME).returncode == 0
     try:
+        assert make("down").returncode == 0 and docker("volume", "inspect", VOLUME).returncode == 0  # down keeps it
         for answer in ("", "n\n", "yes please\n"):
-            refused = make_clean(answer)
+            refused = make("clean", answer)
             assert refused.returncode != 0 and "aborted" in refused.stdout, refused
             assert docker("volume", "inspect", VOLUME).returncode == 0
-        assert make_clean("", CONFIRM="1").returncode == 0
+        assert make("clean", CONFIRM="1").returncode == 0
         assert docker("volume", "inspect", VOLUME).returncode != 0
     finally:
         docker("volume", "rm", "-f", VOLUME)

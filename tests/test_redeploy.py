@@ -38,9 +38,20 @@ def restore(stack):
     stack.deploy("subflow")
 
 
+def kit_has(stack, image: str, marker: str) -> bool:
+    """Whether the step kit inside `image` carries `marker`."""
+    probe = f"import inspect, stepkit.contract as c; print({marker!r} in inspect.getsource(c))"
+    return stack.sh("docker", "run", "--rm", "--entrypoint", "python", image, "-c", probe).stdout.strip() == "True"
+
+
 def test_redeploy_one_component_leaves_the_others_alone(stack, restore, tmp_path, capsys):
+    """A one-line change to the subflow and one to the kit: only the subflow is built, and only
+    its image carries the new kit; the others keep the kit they were built with."""
     before = {name: stack.deployment(name) for name in ("main-flow/main", "validate/validate", "subflow/subflow")}
-    seconds, _ = stack.deploy("subflow", cwd=changed_subflow(tmp_path, "v2"))
+    project = changed_subflow(tmp_path, "v2")
+    kit = project / "stepkit" / "contract.py"
+    kit.write_text(kit.read_text() + "# kit change v2\n")
+    seconds, _ = stack.deploy("subflow", cwd=project)
     with capsys.disabled():
         print(f"\n[measure] prefect deploy --name subflow after a one-line change: {seconds:.1f}s")
     for name in ("main-flow/main", "validate/validate"):
@@ -58,6 +69,8 @@ def test_redeploy_one_component_leaves_the_others_alone(stack, restore, tmp_path
     assert output["results"]["subflow/subflow"]["report"].startswith("### v2 150 rows")
     assert output["results"]["subflow/subflow"]["image"] == sub.job_variables["image"]
     assert output["main_image"] == before["main-flow/main"].job_variables["image"]
+    assert kit_has(stack, sub.job_variables["image"], "# kit change v2")
+    assert not kit_has(stack, output["main_image"], "# kit change v2")
 
 
 def test_an_unchanged_deploy_builds_and_pushes_nothing(stack, capsys):

@@ -36,25 +36,16 @@ def {name}(data: Dataset) -> Output:
 
 TEST = '''"""Unit tests of the {name} component, without Docker: its flow on a real Parquet file."""
 
-import hashlib
-
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from stepkit import WIRE, DataRef
+from stepkit import DataRef, write_parquet
 
 from {name} import {name} as component
 
 
 @pytest.fixture
 def stored(tmp_path) -> DataRef:
-    path = tmp_path / "input.parquet"
-    pq.write_table(pa.table({{"a": [1, 2, 3]}}), path)
-    data = path.read_bytes()
-    return DataRef(
-        wire=WIRE, uri=f"file://{{path}}", rows=3, columns=["a"], bytes=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
-    )  # fmt: skip
+    return write_parquet(pa.table({{"a": [1, 2, 3]}}), f"file://{{tmp_path}}/input.parquet")
 
 
 def test_passes_valid_data_on(prefect_api, stored, tmp_path):

@@ -1,6 +1,5 @@
 """Unit tests of the validate component on real Parquet in a local store, without Docker."""
 
-import hashlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,7 +11,7 @@ from prefect import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from conftest import IRIS, ROOT
-from stepkit import WIRE, DataRef
+from stepkit import DataRef, write_parquet
 from validate import validate as component
 
 # The schema the pipeline declares in prefect.yaml, so the test checks the real declaration.
@@ -23,12 +22,7 @@ SCHEMA = DEPLOYMENT["parameters"]["columns"]
 
 
 def store(table: pa.Table, path: Path) -> DataRef:
-    pq.write_table(table, path)
-    data = path.read_bytes()
-    return DataRef(
-        wire=WIRE, uri=f"file://{path}", rows=table.num_rows, columns=table.schema.names,
-        bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
-    )  # fmt: skip
+    return write_parquet(table, f"file://{path}")
 
 
 def check(ref: DataRef) -> list[dict]:
