@@ -80,6 +80,9 @@ def main() -> None:
     parser.add_argument("pools", nargs="+", metavar="NAME:LIMIT")
     parser.add_argument("--blocks", action="store_true", help="save the blocks first")
     args = parser.parse_args()
+    with get_client(sync_client=True) as client:  # fail at once, naming the address, not deep in a call
+        if failure := client.api_healthcheck():
+            raise SystemExit(f"error: cannot reach the Prefect API at {client.api_url}: {failure!r}")
     if args.blocks:
         save_blocks()
     with get_client(sync_client=True) as client:  # the template refers to blocks by slug and id
