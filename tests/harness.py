@@ -178,8 +178,11 @@ class Stack:
 
     def shell(self, command: str, cwd: Path = ROOT, **env: str) -> str:
         """A README command, as written, in this stack's environment (its project, ports and
-        registry) with the host's .venv for make; its output."""
-        return self.sh("bash", "-c", command, cwd=cwd, timeout=1800, VENV=str(self.venv), **env).stdout
+        registry) with the host's .venv for make; its output. Run as typed at a prompt, not as a
+        sub-make of CI's `make test` (which would add make[1]'s directory lines)."""
+        top_level = [a for name in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS") for a in ("-u", name)]
+        args = ("env", *top_level, "bash", "-c", command)
+        return self.sh(*args, cwd=cwd, timeout=1800, VENV=str(self.venv), **env).stdout
 
     @property
     def venv(self) -> Path:

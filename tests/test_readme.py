@@ -29,7 +29,8 @@ def test_adding_a_component_as_the_readme_says(stack, tmp_path):
         run = stack.read_run(run_id(printed[2]))
         assert run.state.is_completed(), run.state
         (reading,) = [b for b in readme_blocks("## Data by reference") if b[0].startswith("make output")]
-        output = json.loads(stack.shell(fill(reading[0], main_run_id=str(run.id)), cwd=project).split("\n", 1)[1])
+        printed = stack.shell(fill(reading[0], main_run_id=str(run.id)), cwd=project)
+        output = json.loads(printed[printed.index("\n{") + 1 :])  # after make's echo of the command
         assert list(output["results"]) == ["validate/validate", "subflow/subflow", "enrich/enrich"]
         enrich = output["results"]["enrich/enrich"]
         assert enrich["image"].startswith(f"{stack.registry}/enrich:")

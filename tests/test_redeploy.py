@@ -5,6 +5,7 @@ Changed components are deployed from a copy of the project, so the repository st
 `restore` redeploys the repository's own subflow afterwards.
 """
 
+import time
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,8 @@ from harness import fill, project_copy, readme_blocks, wait_for
 pytestmark = pytest.mark.e2e
 
 HEADING = '    heading = f"### {data'
-# make versions, make rollback, make replay: the README's block, run as written.
-VERSIONS, ROLLBACK, REPLAY = readme_blocks("## Redeploying, rolling back, replaying")[1]
+# The README's blocks, run as written: deploy one or all, then versions, rollback, replay.
+(DEPLOY_ONE, DEPLOY_ALL), (VERSIONS, ROLLBACK, REPLAY) = readme_blocks("## Redeploying, rolling back, replaying")
 
 
 def changed_subflow(directory: Path, marker: str) -> Path:
@@ -51,7 +52,9 @@ def test_redeploy_one_component_leaves_the_others_alone(stack, restore, tmp_path
     project = changed_subflow(tmp_path, "v2")
     kit = project / "stepkit" / "contract.py"
     kit.write_text(kit.read_text() + "# kit change v2\n")
-    seconds, _ = stack.deploy("subflow", cwd=project)
+    started = time.monotonic()
+    stack.shell(DEPLOY_ONE, cwd=project)
+    seconds = time.monotonic() - started
     with capsys.disabled():
         print(f"\n[measure] prefect deploy --name subflow after a one-line change: {seconds:.1f}s")
     for name in ("main-flow/main", "validate/validate"):
@@ -77,7 +80,9 @@ def test_an_unchanged_deploy_builds_and_pushes_nothing(stack, capsys):
     names = ("main-flow/main", "validate/validate", "subflow/subflow")
     images = {name: stack.deployment(name).job_variables["image"] for name in names}
     ids = {name: image_id(stack, image) for name, image in images.items()}
-    seconds, output = stack.deploy()
+    started = time.monotonic()
+    output = stack.shell(DEPLOY_ALL)
+    seconds = time.monotonic() - started
     with capsys.disabled():
         print(f"\n[measure] prefect deploy --all with no change: {seconds:.1f}s")
     for name, image in images.items():
