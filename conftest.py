@@ -41,6 +41,15 @@ def to_csv(rows: list[dict[str, str]]) -> str:
     return out.getvalue()
 
 
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch) -> Path:
+    """Main run r1's directory in a file data store at tmp_path (PIPELINE_DATA_URL): where a step
+    called in a test may read and write (the kit refuses anything else)."""
+    monkeypatch.setenv("PIPELINE_DATA_URL", f"file://{tmp_path}")
+    (path := tmp_path / "runs" / "r1").mkdir(parents=True, exist_ok=True)
+    return path
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     """A temporary local Prefect server and database for flow-level unit tests."""

@@ -19,7 +19,7 @@ from prefect import task
 from pydantic import field_validator
 from pydantic_settings import BaseSettings, NoDecode
 
-from stepkit import WIRE, DataRef, atomic_write
+from stepkit import WIRE, DataRef, atomic_write, redact
 
 MAX_REDIRECTS = 5
 CHUNK = 1 << 20
@@ -58,9 +58,10 @@ def transient(task: Any, task_run: Any, state: Any) -> bool:
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=transient)
-def ingest(source: str, uri: str, settings: Settings, max_bytes: int, timeout_s: float) -> DataRef:
+def ingest(source: str, uri: str, settings: Settings, max_bytes: int, timeout_s: float, max_columns: int) -> DataRef:
     """Stream `source` (CSV) into `uri` (Parquet), validating it on the way."""
     deadline = time.monotonic() + timeout_s
+    shown = redact(source)  # no credentials or signed query in any message
     with open_source(source, settings, max_bytes, deadline) as stream:
         try:
             # The reader infers column types from its first block and checks every row after.
@@ -68,17 +69,19 @@ def ingest(source: str, uri: str, settings: Settings, max_bytes: int, timeout_s:
             options = pacsv.ReadOptions(block_size=4 << 20, use_threads=False)
             reader = pacsv.open_csv(stream, read_options=options)
             columns = reader.schema.names
+            if len(columns) > max_columns:
+                raise ValueError(f"dataset {shown!r} has {len(columns)} columns, over max_columns={max_columns}")
             if any(not name.strip() for name in columns) or len(set(columns)) != len(columns):
-                raise ValueError(f"malformed dataset {source!r}: blank or repeated column names {columns}")
+                raise ValueError(f"malformed dataset {shown!r}: blank or repeated column names {columns}")
             rows = 0
             with atomic_write(uri) as sink, pq.ParquetWriter(sink, reader.schema) as writer:
                 for batch in reader:
                     writer.write_batch(batch)
                     rows += batch.num_rows
                 if rows == 0:
-                    raise ValueError(f"empty dataset {source!r}: a header but no data rows")
+                    raise ValueError(f"empty dataset {shown!r}: a header but no data rows")
         except pa.ArrowInvalid as exc:
-            raise ValueError(f"malformed dataset {source!r}: {describe(exc)}") from exc
+            raise ValueError(f"malformed dataset {shown!r}: {describe(exc)}") from exc
         except BotoConnectionError as exc:
             raise StoreUnavailable(f"cannot reach the data store to write {uri}: {exc}") from exc
     return DataRef(wire=WIRE, uri=uri, rows=rows, columns=columns, bytes=sink.bytes, sha256=sink.sha256.hexdigest())
@@ -107,8 +110,9 @@ def open_source(source: str, settings: Settings, max_bytes: int, deadline: float
         with open_url(source, settings, deadline) as response:
             size = int(response.headers.get("content-length") or 0)
             if size > max_bytes:
-                raise ValueError(f"source {source!r} is {size} bytes, over max_bytes={max_bytes}")
-            yield io.BufferedReader(Capped(response.iter_bytes(), source, max_bytes, deadline), CHUNK)
+                raise ValueError(f"source {redact(source)!r} is {size} bytes, over max_bytes={max_bytes}")
+            # Raw bytes: encodings are refused (open_url), so nothing inflates past the cap unseen.
+            yield io.BufferedReader(Capped(response.iter_raw(), source, max_bytes, deadline), CHUNK)
         return
     path = source_path(source, settings)
     with path.open("rb") as file:
@@ -127,43 +131,53 @@ def source_path(source: str, settings: Settings) -> Path:
 
 @contextmanager
 def open_url(url: str, settings: Settings, deadline: float) -> Iterator[httpx.Response]:
-    """GET `url`, following at most MAX_REDIRECTS redirects, each to a permitted host."""
+    """GET `url`, following at most MAX_REDIRECTS redirects, each to a permitted host, connecting
+    to the very address that was checked (no second DNS answer), and refusing encoded bodies."""
     timeout = httpx.Timeout(min(30.0, max(deadline - time.monotonic(), 1.0)))
     with httpx.Client(timeout=timeout, follow_redirects=False) as client:
         for _ in range(MAX_REDIRECTS + 1):
-            check_url(url, settings.source_allow_hosts)
+            parsed, address = httpx.URL(url), check_url(url, settings.source_allow_hosts)
+            pinned = parsed.copy_with(host=address)
+            headers = {"Host": parsed.netloc.decode(), "Accept-Encoding": "identity"}
+            sni = {"sni_hostname": parsed.host}  # TLS checks the certificate against the name, not the IP
             try:
-                with client.stream("GET", url) as response:
+                with client.stream("GET", pinned, headers=headers, extensions=sni) as response:
                     if response.is_redirect:
-                        url = str(response.url.join(response.headers["location"]))
+                        url = str(parsed.join(response.headers["location"]))
                         continue
                     if response.is_error:
-                        raise ValueError(f"cannot fetch source {url!r}: HTTP {response.status_code}")
+                        raise ValueError(f"cannot fetch source {redact(url)!r}: HTTP {response.status_code}")
+                    if response.headers.get("content-encoding", "identity").lower() != "identity":
+                        raise ValueError(
+                            f"source {redact(url)!r} came with Content-Encoding "
+                            f"{response.headers['content-encoding']!r}: refused, its size could not be capped"
+                        )
                     yield response
                     return
             except httpx.TransportError as exc:
-                raise SourceUnavailable(f"cannot fetch source {url!r}: {exc!r}") from exc
-    raise ValueError(f"cannot fetch source: more than {MAX_REDIRECTS} redirects, the last to {url!r}")
+                raise SourceUnavailable(f"cannot fetch source {redact(url)!r}: {type(exc).__name__}") from exc
+    raise ValueError(f"cannot fetch source: more than {MAX_REDIRECTS} redirects, the last to {redact(url)!r}")
 
 
-def check_url(url: str, allow_hosts: list[str]) -> None:
-    """Refuse non-http(s) URLs and hosts with loopback, private, link-local or reserved addresses."""
+def check_url(url: str, allow_hosts: list[str]) -> str:
+    """The address to connect to for `url`: refuse non-http(s) URLs and hosts with loopback,
+    private, link-local or reserved addresses (unless allowed by name)."""
     parsed = httpx.URL(url)
     if parsed.scheme not in ("http", "https"):
-        raise ValueError(f"source {url!r}: only http and https URLs are allowed")
-    if parsed.host in allow_hosts:
-        return
+        raise ValueError(f"source {redact(url)!r}: only http and https URLs are allowed")
     try:
         infos = socket.getaddrinfo(parsed.host, parsed.port or 443, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise SourceUnavailable(f"cannot fetch source {url!r}: cannot resolve {parsed.host!r}") from exc
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if not address.is_global:
-            raise ValueError(
-                f"source {url!r}: host {parsed.host!r} has the non-public address {address}; "
-                "allow it with SOURCE_ALLOW_HOSTS if it is a trusted data server"
-            )
+        raise SourceUnavailable(f"cannot fetch source {redact(url)!r}: cannot resolve {parsed.host!r}") from exc
+    addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
+    if parsed.host not in allow_hosts:
+        for address in addresses:
+            if not address.is_global:
+                raise ValueError(
+                    f"source {redact(url)!r}: host {parsed.host!r} has the non-public address {address}; "
+                    "allow it with SOURCE_ALLOW_HOSTS if it is a trusted data server"
+                )
+    return str(addresses[0])
 
 
 class Capped(io.RawIOBase):
@@ -179,7 +193,7 @@ class Capped(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         if time.monotonic() > self._deadline:
-            raise TimeoutError(f"source {self._source!r} was not read within fetch_timeout_s")
+            raise TimeoutError(f"source {redact(self._source)!r} was not read within fetch_timeout_s")
         while not self._pending:
             self._pending = next(self._chunks, b"")
             if not self._pending:
@@ -188,5 +202,5 @@ class Capped(io.RawIOBase):
         buffer[:n], self._pending = self._pending[:n], self._pending[n:]
         self.bytes_read += n
         if self.bytes_read > self._max_bytes:
-            raise ValueError(f"source {self._source!r} is larger than max_bytes={self._max_bytes}")
+            raise ValueError(f"source {redact(self._source)!r} is larger than max_bytes={self._max_bytes}")
         return n

@@ -23,9 +23,10 @@ PAGE = 200  # the server's default and largest page
 
 # Not persisted: its counts are in its log, and a result file a day would be one more thing to clean.
 @flow(name="retention", persist_result=False)
-def retention(days: Annotated[float, Field(ge=0)] = 30) -> dict[str, int]:
-    """Delete runs/<id>/ of main runs created `days` before this run's scheduled time, or earlier,
-    with their subflow Variables, any other subflow Variable as old, and results/ written before."""
+def retention(days: Annotated[float, Field(ge=1)] = 30) -> dict[str, int]:
+    """Delete runs/<id>/ of final main runs created `days` before this run's scheduled time, or
+    earlier, with their subflow Variables, any other subflow Variable as old, and results/ written
+    before. A run still in flight keeps its directory, however old."""
     cutoff = flow_run.scheduled_start_time - timedelta(days=days)
     fs, runs = fsspec.core.url_to_fs(runs_root())
     _, results = fsspec.core.url_to_fs(results_root())
@@ -33,7 +34,7 @@ def retention(days: Annotated[float, Field(ge=0)] = 30) -> dict[str, int]:
     with get_client(sync_client=True) as client:
         for path in fs.ls(runs, detail=False) if fs.exists(runs) else []:
             run_id = path.rstrip("/").rsplit("/", 1)[-1]
-            if created(client, run_id) < cutoff:
+            if expired_run(client, run_id, cutoff):
                 fs.rm(path, recursive=True)
                 expired.add(run_id)
         variables = expired_variables(client, cutoff, expired)
@@ -66,9 +67,11 @@ def expired_variables(client: SyncPrefectClient, cutoff: datetime, runs: set[str
     return expired
 
 
-def created(client: SyncPrefectClient, name: str) -> datetime:
-    """When the main run a directory belongs to was created; long ago if the server forgot it."""
+def expired_run(client: SyncPrefectClient, name: str, cutoff: datetime) -> bool:
+    """Whether the main run a directory belongs to is final and was created before `cutoff`; a
+    directory of a run the server forgot has expired."""
     try:
-        return client.read_flow_run(UUID(name)).created
+        run = client.read_flow_run(UUID(name))
     except (ValueError, ObjectNotFound):
-        return datetime.min.replace(tzinfo=UTC)
+        return True
+    return run.state is not None and run.state.is_final() and run.created < cutoff

@@ -10,7 +10,7 @@ import anyio
 from prefect import get_client, get_run_logger
 from prefect.client.schemas.objects import TERMINAL_STATES, FlowRun
 from prefect.deployments import run_deployment
-from prefect.events.clients import get_events_subscriber
+from prefect.events.clients import PrefectEventSubscriber, get_events_subscriber
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Cancelled, Cancelling
@@ -99,23 +99,46 @@ def wait_for_runs(runs: dict[str, FlowRun], timeout_s: float) -> dict[str, FlowR
 
 async def until_final(ids: list[UUID], deadline: float) -> list[FlowRun]:
     """Read the runs whenever the server's event stream reports a state of one of them (and every
-    few seconds besides) until all are final or the deadline passes: no polling interval to wait out."""
+    few seconds besides) until all are final or the deadline passes: no polling interval to wait out.
+    While the stream is away (the server restarting), read every few seconds and reconnect."""
     states = EventFilter(
         event=EventNameFilter(prefix=["prefect.flow-run."]),
         resource=EventResourceFilter(id=[f"prefect.flow-run.{run_id}" for run_id in ids]),
     )
-    async with get_client() as client, get_events_subscriber(filter=states) as events:
-        stream, soon = aiter(events), False
-        while True:
-            runs = await asyncio.gather(*(client.read_flow_run(run_id) for run_id in ids))
-            left = deadline - time.monotonic()
-            if all(final(run) for run in runs) or left <= 0:
-                return runs
-            with anyio.move_on_after(0.1 if soon else min(SAFETY_READ_S, left)):
-                soon = False
-                event = await anext(stream)
-                # A final state's event can come before reads show it: then read again soon.
-                soon = event.resource.get("prefect.state-type") in FINAL
+    events: PrefectEventSubscriber | None = None
+    async with get_client() as client:
+        try:
+            soon = False
+            while True:
+                runs = await asyncio.gather(*(client.read_flow_run(run_id) for run_id in ids))
+                left = deadline - time.monotonic()
+                if all(final(run) for run in runs) or left <= 0:
+                    return runs
+                events = events or await subscribe(states)
+                with anyio.move_on_after(0.1 if soon else min(SAFETY_READ_S, left)):
+                    soon = False
+                    if events is None:
+                        await anyio.sleep_forever()  # until the next read
+                    try:
+                        event = await anext(events)
+                    except Exception:  # e.g. the gateway's 502 while the server restarts: not retried by Prefect
+                        await events.__aexit__(None, None, None)
+                        events = None
+                        continue
+                    # A final state's event can come before reads show it: then read again soon.
+                    soon = event.resource.get("prefect.state-type") in FINAL
+        finally:
+            if events is not None:
+                await events.__aexit__(None, None, None)
+
+
+async def subscribe(states: EventFilter) -> PrefectEventSubscriber | None:
+    """A connected subscriber to the server's events, or None while the stream is unavailable."""
+    subscriber = get_events_subscriber(filter=states)
+    try:
+        return await subscriber.__aenter__()
+    except Exception:
+        return None
 
 
 def not_finished(run: FlowRun, timeout_s: float) -> str:

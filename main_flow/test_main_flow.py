@@ -27,7 +27,7 @@ def settings(**values) -> component.Settings:
 
 
 def ingest(source: str, store: Path, config: component.Settings | None = None, **limits) -> DataRef:
-    limits = {"max_bytes": 1 << 30, "timeout_s": 60, **limits}
+    limits = {"max_bytes": 1 << 30, "timeout_s": 60, "max_columns": 1000, **limits}
     uri = f"file://{store}/input.parquet"
     return component.ingest.fn(source, uri, config or settings(), **limits)
 
@@ -61,6 +61,11 @@ def http_server(tmp_path: Path):
                 self.send_response(301)
                 self.send_header("Location", "/iris.csv")
                 self.end_headers()
+            elif self.path == "/bomb.csv":  # 4.6 kB that a decoding client would inflate to 1 GiB
+                self.send_response(200)
+                self.send_header("Content-Encoding", "gzip, gzip")
+                self.end_headers()
+                self.wfile.write(b"\x1f\x8b" + b"\0" * 4600)
             elif self.path == "/slow.csv":
                 self.send_response(200)
                 self.end_headers()
@@ -138,6 +143,35 @@ def test_max_bytes_stops_a_file_and_a_download(http_server, tmp_path):
     with pytest.raises(ValueError, match=r"is \d+ bytes, over max_bytes=1000"):  # Content-Length
         ingest(f"{http_server}/iris.csv", store, LOOPBACK, max_bytes=1000)
     assert empty(store)
+
+
+def test_an_encoded_download_is_refused_before_it_is_inflated(http_server, tmp_path):
+    with pytest.raises(ValueError, match="Content-Encoding 'gzip, gzip': refused, its size could not be capped"):
+        ingest(f"{http_server}/bomb.csv", tmp_path / "store", LOOPBACK)
+    assert empty(tmp_path / "store")
+
+
+def test_max_columns_refuses_a_wide_file(data_dir, tmp_path):
+    (data_dir / "wide.csv").write_text(",".join(f"c{i}" for i in range(5000)) + "\n" + ",".join("1" * 5000) + "\n")
+    with pytest.raises(ValueError, match="has 5000 columns, over max_columns=1000"):
+        ingest("wide.csv", tmp_path / "store", settings(source_dir=data_dir))
+    assert empty(tmp_path / "store")
+
+
+def test_messages_never_show_credentials_or_signed_queries(http_server, tmp_path):
+    port = http_server.rsplit(":", 1)[1]
+    signed = f"http://user:hunter2@127.0.0.1:{port}/missing.csv?X-Amz-Signature=s3cr3t"
+    with pytest.raises(ValueError) as refused:
+        ingest(signed, tmp_path, LOOPBACK)
+    assert str(refused.value) == f"cannot fetch source 'http://127.0.0.1:{port}/missing.csv': HTTP 404"
+
+
+def test_the_download_connects_to_the_address_it_checked(http_server, tmp_path):
+    """`localhost` is allowed by name here: the check resolves it once and the request goes there."""
+    assert component.check_url("http://localhost/x.csv", ["localhost"]) in ("127.0.0.1", "::1")
+    port = http_server.rsplit(":", 1)[1]
+    ref = ingest(f"http://localhost:{port}/iris.csv", tmp_path, settings(source_allow_hosts=["localhost"]))
+    assert ref["rows"] == 150
 
 
 def test_a_download_past_its_deadline_fails(http_server, tmp_path):
@@ -247,7 +281,7 @@ def s3_env(s3_endpoint, monkeypatch):
 
 def test_ingest_into_s3_matches_the_file_store(s3_env, tmp_path):
     uri = "s3://pipeline/runs/unit/input.parquet"
-    ref = component.ingest.fn("iris.csv", uri, settings(), max_bytes=1 << 30, timeout_s=60)
+    ref = component.ingest.fn("iris.csv", uri, settings(), max_bytes=1 << 30, timeout_s=60, max_columns=1000)
     assert ref["sha256"] == ingest("iris.csv", tmp_path)["sha256"]
     verify(ref)
     assert s3_env.ls("pipeline/runs/unit") == ["pipeline/runs/unit/input.parquet"]
@@ -257,5 +291,6 @@ def test_a_failed_upload_leaves_no_object(s3_env, data_dir):
     (data_dir / "ragged.csv").write_bytes(b"a,b\n" + b"1,2\n" * 300_000 + b"3\n")
     uri = "s3://pipeline/runs/failed/input.parquet"
     with pytest.raises(ValueError, match="different number of fields"):
-        component.ingest.fn("ragged.csv", uri, settings(source_dir=data_dir), max_bytes=1 << 30, timeout_s=60)
+        limits = {"max_bytes": 1 << 30, "timeout_s": 60, "max_columns": 1000}
+        component.ingest.fn("ragged.csv", uri, settings(source_dir=data_dir), **limits)
     assert not s3_env.exists(uri)

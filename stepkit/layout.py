@@ -57,6 +57,34 @@ def results_root(store: str | None = None) -> str:
     return f"{(store or store_url()).rstrip('/')}/{RESULTS}"
 
 
+class RefusedReference(ValueError):
+    """A reference outside what a step may read or write: one message for every reason, so a
+    refusal tells nothing about what exists elsewhere."""
+
+    def __init__(self, uri: str):
+        super().__init__(f"reference refused: {redact(uri)} is not in this run's part of the data store")
+
+
+def confined(uri: str, directory: str) -> str:
+    """`uri` if it names something inside `directory` of the store, in the store's own protocol,
+    with no step outside it (no `..`, no fsspec chaining, no query); else RefusedReference."""
+    rest = uri.removeprefix(f"{directory.rstrip('/')}/")
+    parts = rest.split("/")
+    if rest == uri or any(c in uri for c in ("::", "?", "#", "\\", "%")) or any(p in ("", ".", "..") for p in parts):
+        raise RefusedReference(uri)
+    return uri
+
+
+def redact(uri: str) -> str:
+    """`uri` without credentials, query or fragment: safe for messages, outputs and artifacts."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return uri.split("?", 1)[0].split("#", 1)[0]
+    authority, slash, path = rest.partition("/")
+    host = authority.rsplit("@", 1)[-1]
+    return f"{scheme}://{host}{slash}{path.split('?', 1)[0].split('#', 1)[0]}"
+
+
 def run_id_of(uri: str) -> str | None:
     """The main run an object of the store belongs to, or None."""
     marker = f"/{RUNS}/"

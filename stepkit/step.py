@@ -8,17 +8,31 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import fsspec
 from prefect import flow, get_client
 from prefect.artifacts import create_markdown_artifact
 from prefect.flows import Flow
 from prefect.runtime import flow_run
 
 from stepkit.contract import DataRef, StepResult, check_wire
+from stepkit.layout import RefusedReference, RunLayout, confined, run_id_of, runs_root
 from stepkit.store import VerifyingReader, open_verified, write_parquet
 
 if TYPE_CHECKING:  # pyarrow is imported where it is used: the cli image deploys steps without it
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+
+BATCH_BYTES = 32 << 20  # a batch's size in memory, whatever the width of a row
+
+
+def batches(parquet: "pq.ParquetFile", max_bytes: int = BATCH_BYTES) -> Iterator["pa.RecordBatch"]:
+    """`parquet`'s rows in order, in record batches of about `max_bytes` uncompressed: sized by
+    bytes, not rows, so a wide table cannot blow a step's memory limit."""
+    meta = parquet.metadata
+    size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    rows = max(1, max_bytes * meta.num_rows // max(size, 1))
+    yield from parquet.iter_batches(batch_size=rows)
 
 
 class Dataset:
@@ -32,9 +46,9 @@ class Dataset:
 
         return pq.ParquetFile(self._reader)
 
-    def batches(self, batch_size: int = 1 << 20) -> Iterator["pa.RecordBatch"]:
-        """The rows in record batches, in order."""
-        yield from self.parquet().iter_batches(batch_size=batch_size)
+    def batches(self, max_bytes: int = BATCH_BYTES) -> Iterator["pa.RecordBatch"]:
+        """The rows in order, in record batches of about `max_bytes` each."""
+        yield from batches(self.parquet(), max_bytes)
 
     def finish(self) -> None:
         """Hash what the step did not read, and fail unless the input matches its reference."""
@@ -96,6 +110,7 @@ def step(fn: Callable[..., Output] | None = None, *, name: str | None = None) ->
         def run(**parameters: Any) -> StepResult:
             image = tag_run_with_image()
             ref, out = parameters.pop("data"), parameters.pop("out")
+            confine(ref, out)
             with open_verified(ref) as reader:
                 data = Dataset(ref, reader)
                 try:
@@ -138,6 +153,18 @@ def step(fn: Callable[..., Output] | None = None, *, name: str | None = None) ->
         return flow(name=flow_name, persist_result=True, result_serializer="json")(run)
 
     return wrap(fn) if fn is not None else wrap
+
+
+def confine(ref: DataRef, out: str) -> None:
+    """A step reads only an existing object inside the store's runs/, and writes only inside the
+    directory of the main run that started it (run by hand: of the run its input belongs to).
+    Every refusal says the same, so none tells what exists outside."""
+    uri = confined(str(ref.get("uri", "")), runs_root())
+    owner = flow_run.parent_flow_run_id or run_id_of(uri)
+    confined(out, RunLayout.of(owner).dir)
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.exists(path):
+        raise RefusedReference(uri)
 
 
 def usage() -> dict[str, Any]:

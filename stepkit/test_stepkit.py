@@ -4,6 +4,7 @@ import hashlib
 import io
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from prefect.client.schemas.objects import FlowRun
 from prefect.states import Completed
@@ -24,17 +25,19 @@ from stepkit import (
     verify,
     write_parquet,
 )
-from stepkit.layout import run_id_of
+from stepkit.layout import RefusedReference, redact, run_id_of
 from stepkit.store import VerifyingReader, open_verified
 
 
 @pytest.fixture
-def counted(tmp_path):
-    """A 200,000-row table in 8 row groups behind counted://, as a step would get it."""
+def counted(tmp_path, monkeypatch):
+    """A 200,000-row table in 8 row groups, the input of main run r1 in a counted:// store, as a
+    step would get it."""
+    monkeypatch.setenv("PIPELINE_DATA_URL", f"counted://{tmp_path}")
     table = pa.table({"g": [i % 7 for i in range(200_000)], "v": [float(i) for i in range(200_000)]})
-    ref = write_parquet(table, f"file://{tmp_path}/input.parquet", row_group_size=25_000)
+    ref = write_parquet(table, f"file://{tmp_path}/runs/r1/input.parquet", row_group_size=25_000)
     CountingFileSystem.opens = CountingFileSystem.bytes_read = 0
-    return {**ref, "uri": f"counted://{tmp_path}/input.parquet"}
+    return {**ref, "uri": RunLayout.of("r1").input}
 
 
 def test_atomic_write_hashes_and_leaves_nothing_partial(tmp_path):
@@ -84,10 +87,10 @@ def test_the_verifying_reader_serves_any_read_pattern_and_hashes_each_byte_once(
 def test_each_step_of_the_kit_reads_its_input_once(prefect_api, counted, tmp_path):
     @step
     def summing(data: Dataset) -> Output:
-        total = sum(pa.compute.sum(batch["v"]).as_py() for batch in data.batches(batch_size=10_000))
+        total = sum(pa.compute.sum(batch["v"]).as_py() for batch in data.batches(max_bytes=100_000))
         return Output(data.ref, [{"total": total}], "summed")
 
-    result = summing(data=counted, out=f"file://{tmp_path}/out")
+    result = summing(data=counted, out=RunLayout.of("r1").step("summing"))
     assert result["summary"] == [{"total": float(sum(range(200_000)))}]
     assert CountingFileSystem.opens == 1
     assert counted["bytes"] <= CountingFileSystem.bytes_read <= counted["bytes"] + 1024
@@ -99,10 +102,44 @@ def test_a_corrupt_input_fails_the_step_by_name_and_it_writes_nothing(prefect_ap
         table = pa.Table.from_batches(list(data.batches()))
         return Output(out.write_table(table, "copy.parquet"), [], "copied")
 
-    state = copying(data={**counted, "sha256": "0" * 64}, out=f"file://{tmp_path}/out", return_state=True)
+    state = copying(data={**counted, "sha256": "0" * 64}, out=RunLayout.of("r1").step("copying"), return_state=True)
     with pytest.raises(ValueError, match="stored object corrupt: counted://.*input.parquet does not match its sha256"):
         state.result()
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "runs" / "r1" / "copying").exists()
+
+
+def test_a_step_reads_and_writes_only_in_its_runs_part_of_the_store(prefect_api, counted, tmp_path):
+    """Outside runs/, another protocol, a path that climbs out, a missing object, another run's
+    directory: each is refused with the one message, and nothing is read or written."""
+    (tmp_path / "secret.parquet").write_bytes((tmp_path / "runs" / "r1" / "input.parquet").read_bytes())
+    (tmp_path / "runs" / "r2").mkdir()
+
+    @step
+    def copying(data: Dataset, out: stepkit.Out) -> Output:
+        return Output(out.write_table(pa.Table.from_batches(list(data.batches())), "copy.parquet"), [], "")
+
+    inputs = [
+        f"counted://{tmp_path}/secret.parquet", "http://prefect-server:4200/api/admin/version", "file:///etc/passwd",
+        f"counted://{tmp_path}/runs/r1/../../secret.parquet", f"counted://{tmp_path}/runs/r1/missing.parquet",
+        f"counted://{tmp_path}/runs/r1/input.parquet::http://example.com/x",
+    ]  # fmt: skip
+    outs = [RunLayout.of("r2").step("x"), f"counted://{tmp_path}/runs/r1/../r2/x", f"file://{tmp_path}/runs/r1/x"]
+    calls = [({**counted, "uri": uri}, RunLayout.of("r1").step("x")) for uri in inputs] + [(counted, o) for o in outs]
+    for data, out in calls:
+        state = copying(data=data, out=out, return_state=True)
+        with pytest.raises(
+            RefusedReference, match="^reference refused: .* is not in this run's part of the data store$"
+        ):
+            state.result()
+    assert CountingFileSystem.opens == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r1", "r2"] and not any(
+        (tmp_path / "runs" / "r2").iterdir()
+    )
+
+
+def test_redact_keeps_no_credentials_or_query():
+    assert redact("https://user:pw@host.example/a/b.csv?X-Amz-Signature=abc#f") == "https://host.example/a/b.csv"
+    assert redact("s3://bucket/key.csv") == "s3://bucket/key.csv" and redact("iris.csv?x") == "iris.csv"
 
 
 def test_a_reference_of_another_wire_format_is_refused_naming_both_versions(prefect_api, counted, tmp_path):
@@ -118,7 +155,7 @@ def test_a_reference_of_another_wire_format_is_refused_naming_both_versions(pref
     def passing(data: Dataset) -> Output:
         return Output(data.ref, [], "")
 
-    state = passing(data=newer, out=f"file://{tmp_path}/out", return_state=True)
+    state = passing(data=newer, out=RunLayout.of("r1").step("passing"), return_state=True)
     with pytest.raises(WireMismatch, match=f"wire format {WIRE + 1}, .*reads wire format {WIRE}"):
         state.result()
 
@@ -151,3 +188,11 @@ def test_open_verified_names_a_missing_object(tmp_path):
     ref = DataRef(wire=WIRE, uri=f"file://{tmp_path}/gone.parquet", rows=1, columns=["a"], bytes=1, sha256="0" * 64)
     with pytest.raises(FileNotFoundError, match="stored object missing: file://.*gone.parquet"), open_verified(ref):
         pass
+
+
+def test_batches_are_sized_by_bytes_not_rows(tmp_path):
+    wide = pa.table({f"c{i}": [float(j) for j in range(20_000)] for i in range(50)})  # 8 MB in 20,000 rows
+    write_parquet(wide, f"file://{tmp_path}/wide.parquet")
+    found = list(stepkit.batches(pq.ParquetFile(tmp_path / "wide.parquet"), 1 << 20))
+    assert sum(batch.num_rows for batch in found) == 20_000 and len(found) >= 8
+    assert max(batch.nbytes for batch in found) <= 1 << 20

@@ -11,7 +11,7 @@ from prefect.runtime import flow_run
 from prefect.variables import Variable
 from tabulate import tabulate
 
-from stepkit import DataRef, Dataset, Out, Output, step
+from stepkit import DataRef, Dataset, Out, Output, batches, step
 
 SHOWN_GROUPS = 20  # groups in the returned summary and the report; all of them are in the output
 VARIABLE_LIMIT = 5000  # Prefect's limit on a Variable's value, in characters of JSON
@@ -40,7 +40,7 @@ def summarise(parquet: pq.ParquetFile, group_by: str) -> pa.Table:
     if not measures:
         raise ValueError(f"no measurement columns besides {group_by!r}")
     partials, offset = [], 0
-    for batch in parquet.iter_batches(batch_size=1 << 20):
+    for batch in batches(parquet):
         table = pa.Table.from_batches([batch])
         for name in measures:
             table = table.set_column(table.schema.get_field_index(name), name, numeric(table[name], name, offset))

@@ -60,11 +60,11 @@ def test_numbers_stored_as_text_are_accepted(tmp_path):
     assert component.summarise(parquet(ref), "g").to_pylist() == [{"g": "a", "count": 2, "mean_v": 1.75}]
 
 
-def test_flow_stores_the_summary_and_publishes_a_bounded_variable(prefect_api, tmp_path):
+def test_flow_stores_the_summary_and_publishes_a_bounded_variable(prefect_api, run_dir):
     groups = 400  # far more than a Variable holds
     table = pa.table({"g": [f"group-{i:04d}" for i in range(groups)] * 2, "v": [1.0] * groups + [3.0] * groups})
-    ref = store(table, tmp_path / "runs" / "r2" / "input.parquet")
-    state = component.subflow(data=ref, out=f"file://{tmp_path}/runs/r2/subflow", group_by="g", return_state=True)
+    ref = store(table, run_dir / "input.parquet")
+    state = component.subflow(data=ref, out=f"file://{run_dir}/subflow", group_by="g", return_state=True)
     assert state.is_completed(), state
     result = state.result()
     assert result["rows"] == 2 * groups and result["groups"] == groups
@@ -85,9 +85,9 @@ def test_flow_stores_the_summary_and_publishes_a_bounded_variable(prefect_api, t
     assert any(a.data == result["report"] for a in artifacts)
 
 
-def test_flow_refuses_a_corrupt_input_and_writes_nothing(prefect_api, iris, tmp_path):
-    state = component.subflow(data={**iris, "sha256": "0" * 64}, out=f"file://{tmp_path}/out", return_state=True)
+def test_flow_refuses_a_corrupt_input_and_writes_nothing(prefect_api, iris, run_dir):
+    state = component.subflow(data={**iris, "sha256": "0" * 64}, out=f"file://{run_dir}/subflow", return_state=True)
     assert state.is_failed()
     with pytest.raises(ValueError, match="stored object corrupt: .*input.parquet does not match its sha256"):
         state.result()
-    assert not (tmp_path / "out").exists()  # nothing written from an input that is not what it claims
+    assert not (run_dir / "subflow").exists()  # nothing written from an input that is not what it claims

@@ -157,6 +157,7 @@ class Stack:
         env.update(
             COMPOSE_PROJECT_NAME=self.project,
             PREFECT_PORT=str(self.prefect_port),
+            PREFECT_FLOW_PORT=str(self.prefect_port + 1),
             REGISTRY_PORT=str(self.registry_port),
             PREFECT_API_URL=self.api_url,
             REGISTRY=self.registry,
@@ -215,6 +216,7 @@ class Stack:
         if url.startswith("s3://"):  # the test endpoint keeps buckets in memory: not across restarts
             self.s3().mkdirs(url.removeprefix("s3://").split("/", 1)[0], exist_ok=True)
         self.compose("run", "--rm", "-T", "setup")
+        self.compose("up", "-d", "--wait", "worker-flow", "worker-subflow")  # their policy renders the store too
 
     # --- the API ------------------------------------------------------------------------------
 

@@ -52,7 +52,7 @@ HOMES = {
     f"FLOW_UID={SETTINGS['FLOW_UID']}": [".env"],
     "FLOW_POOL_LIMIT=": [".env"],
     "PREFECT_WORKER_QUERY_SECONDS=": [".env"],
-    "http://prefect-server:4200/api": ["docker-compose.yml"],
+    "http://gateway:4200/api": ["docker-compose.yml"],
     "prefect-docker==": ["worker/requirements.txt"],
 }
 
@@ -88,7 +88,7 @@ def test_a_component_block_holds_only_what_is_its_own():
         assert set(tag["tools/image_tag.py:image_tag"]) == {"id", "directory"}, deployment["name"]
         assert build["prefect_docker.deployments.steps.build_docker_image"] == config["definitions"]["build_image"]
         assert deployment["work_pool"] in config["definitions"]["pools"], deployment["name"]
-        assert deployment["work_pool"]["job_variables"] == {"image": "{{ build-image.image }}"}
+        assert deployment["work_pool"]["job_variables"] == {"image": "{{ pinned.image }}"}
     assert "push_docker_image" in str(config["push"]) and "pipeline-registry" in str(config["push"])
 
 

@@ -97,15 +97,16 @@ def test_every_step_fits_the_contract(name):
 
 
 @pytest.mark.parametrize("name", list(pipeline()[1]))
-def test_every_step_reads_its_input_once(prefect_api, name, tmp_path):
+def test_every_step_reads_its_input_once(prefect_api, name, tmp_path, monkeypatch):
     """Opened once, each byte fetched once (a real run of the step on 200,000 rows in 8 row groups)."""
     module, function, deployment = pipeline()[1][name]
     table = iris_like(200_000)
     table = table.set_column(4, "species", table["species"].cast(pa.string()))  # as ingest writes it
-    ref = write_parquet(table, f"file://{tmp_path}/input.parquet", row_group_size=25_000)
+    ref = write_parquet(table, f"file://{tmp_path}/runs/r1/input.parquet", row_group_size=25_000)
     CountingFileSystem.opens = CountingFileSystem.bytes_read = 0
-    counted = {**ref, "uri": f"counted://{tmp_path}/input.parquet"}
-    result = getattr(module, function)(data=counted, out=f"file://{tmp_path}/out", **deployment.get("parameters", {}))
+    monkeypatch.setenv("PIPELINE_DATA_URL", f"counted://{tmp_path}")  # the store, behind counted://
+    counted, out = {**ref, "uri": f"counted://{tmp_path}/runs/r1/input.parquet"}, f"counted://{tmp_path}/runs/r1/out"
+    result = getattr(module, function)(data=counted, out=out, **deployment.get("parameters", {}))
     assert result["summary"]
     assert CountingFileSystem.opens == 1
     assert ref["bytes"] <= CountingFileSystem.bytes_read <= ref["bytes"] + 1024
@@ -160,8 +161,9 @@ def double(data: Dataset, out: Out, factor: int = 2) -> Output:
     )
 
 
-def test_a_step_built_with_the_kit_round_trips_a_reference(prefect_api, tmp_path):
-    layout = RunLayout.of("run-1", f"file://{tmp_path}")
+def test_a_step_built_with_the_kit_round_trips_a_reference(prefect_api, tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_DATA_URL", f"file://{tmp_path}")
+    layout = RunLayout.of("run-1")
     first = double(data=write_parquet(pa.table({"x": [1, 2, 3]}), layout.input), out=layout.step("double/double"))
     assert violations(stepkit.contract, sys.modules[__name__], "double", {"parameters": {"factor": 3}}) == []
     assert first["output"]["uri"] == f"{layout.dir}/double/doubled.parquet" and first["factor"] == 2

@@ -46,7 +46,7 @@ def test_each_flow_ran_in_its_own_container_from_its_own_image(stack, pipeline_r
         name.split("/")[0]: (r["flow_run_id"], r["image"]) for name, r in output["results"].items()
     }
     for component, (run_id, image) in runs.items():
-        assert image.startswith(f"{stack.registry}/{component}:"), image
+        assert image.startswith(f"{stack.registry}/{component}@sha256:"), image  # by digest
         assert starts[str(run_id)][1] == image
         # Each run is tagged with the image it ran in, visible in the UI and the API.
         assert f"image:{image}" in stack.read_run(run_id).tags

@@ -103,7 +103,7 @@ def test_ten_concurrent_runs_never_mix_their_outputs(stack, serve):
 @pytest.mark.parametrize(
     ("source", "message"),
     [
-        ("http://prefect-server:4200/docs", "host 'prefect-server' has the non-public address"),
+        ("http://gateway:4200/docs", "host 'gateway' has the non-public address"),
         (
             "http://testdata:8000/missing.csv",
             "cannot fetch source 'http://testdata:8000/missing.csv': HTTP 404",

@@ -33,7 +33,7 @@ def test_adding_a_component_as_the_readme_says(stack, tmp_path):
         output = json.loads(printed[printed.index("\n{") + 1 :])  # after make's echo of the command
         assert list(output["results"]) == ["validate/validate", "subflow/subflow", "enrich/enrich"]
         enrich = output["results"]["enrich/enrich"]
-        assert enrich["image"].startswith(f"{stack.registry}/enrich:")
+        assert enrich["image"].startswith(f"{stack.registry}/enrich@sha256:")
         # Each step gets the previous step's output: here the subflow's summary, 3 groups x 6 columns.
         assert enrich["output"] == output["results"]["subflow/subflow"]["output"]
         assert enrich["summary"] == [{"rows": 3, "columns": 6}]

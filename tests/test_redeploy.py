@@ -127,17 +127,18 @@ def test_redeploy_while_a_run_is_in_flight(stack, restore, tmp_path):
 
 
 def test_rollback_to_an_earlier_version_without_a_build(stack, restore, tmp_path):
-    v1 = stack.deployment("subflow/subflow").job_variables["image"]
+    first = stack.deployment("subflow/subflow")
+    v1, tag1 = first.job_variables["image"], first.version
     stack.deploy("subflow", cwd=changed_subflow(tmp_path, "v2"))
-    v2 = stack.deployment("subflow/subflow").job_variables["image"]
-    tag1, tag2 = v1.rsplit(":", 1)[1], v2.rsplit(":", 1)[1]
+    tag2 = stack.deployment("subflow/subflow").version
+    assert v1 == f"{stack.registry}/subflow@{v1.split('@')[1]}" and v1.split("@")[1].startswith("sha256:")
 
     listing = stack.shell(VERSIONS)
     marks = {line.split()[-2]: line.startswith("*") for line in listing.splitlines() if len(line.split()) >= 2}
     assert marks[tag2] and not marks[tag1], listing
 
     # Remove v1 from this engine: the run below must pull it from the registry, not rebuild.
-    stack.sh("docker", "image", "rm", v1)
+    stack.sh("docker", "image", "rm", v1, f"{stack.registry}/subflow:{tag1}")
     assert f"now runs {v1}" in stack.shell(fill(ROLLBACK, tag=tag1))
     assert stack.deployment("subflow/subflow").job_variables["image"] == v1
     assert stack.deployment("subflow/subflow").version == tag1

@@ -14,13 +14,21 @@ sys.path.insert(0, str(ROOT / "tools"))
 import component  # noqa: E402
 import test_contract  # noqa: E402
 
-# The generated test asks for `prefect_api`: here, the server this test already runs.
+# The generated test asks for `prefect_api` (here, the server this test already runs) and
+# `run_dir` (as the repository's conftest.py has it).
 CONFTEST = """import pytest
 
 
 @pytest.fixture
 def prefect_api():
     yield
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_DATA_URL", f"file://{tmp_path}")
+    (path := tmp_path / "runs" / "r1").mkdir(parents=True)
+    return path
 """
 
 

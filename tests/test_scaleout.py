@@ -97,7 +97,8 @@ def s3_stack(stack):
 def remote_worker(s3_stack, engine, tmp_path_factory):
     """worker/compose.yml on the second engine, as the README's recipe runs it on another host."""
     secrets = tmp_path_factory.mktemp("remote-secrets")
-    shutil.copy(ROOT / ".secrets" / s3_stack.project / "api-auth-string", secrets / "api-auth-string")
+    for name in ("api-auth-string", "flow-auth-string", "registry-password", "registry-htpasswd"):
+        shutil.copy(ROOT / ".secrets" / s3_stack.project / name, secrets / name)
     env = {
         **s3_stack.env(),
         "DOCKER_HOST": f"unix://{engine.socket}",
@@ -105,6 +106,7 @@ def remote_worker(s3_stack, engine, tmp_path_factory):
         "WORKER_SECRETS": str(secrets),
         "WORKER_NETWORK_MODE": "host",  # the server's API is on this machine's loopback
         "PREFECT_API_URL": s3_stack.api_url,
+        "FLOW_API_URL": f"http://127.0.0.1:{s3_stack.prefect_port + 1}/api",
         "AWS_ENDPOINT_URL": s3_stack.s3_url,
         "COMPOSE_PROJECT_NAME": "pipeline-worker-e2e",
     }

@@ -5,11 +5,12 @@ import base64
 import json
 import shutil
 import subprocess
+import uuid
 
 import httpx
 import pytest
 from harness import CI, PREFECT, ROOT, SETTINGS, Stack, wait_for
-from prefect.client.schemas.actions import BlockDocumentUpdate
+from prefect.client.schemas.actions import WorkPoolUpdate
 
 pytestmark = pytest.mark.e2e
 # Headless, and quiet: without the background-networking flags Chromium keeps dialling Google.
@@ -24,6 +25,11 @@ def inspect(stack, run_id) -> dict:
     return json.loads(stack.sh("docker", "inspect", container).stdout)[0]
 
 
+def beside(ref: dict, name: str) -> str:
+    """A directory in the run directory of `ref`: where a step run by hand on it may write."""
+    return f"{ref['uri'].rsplit('/', 1)[0]}/{name}"
+
+
 @pytest.fixture(scope="module")
 def stored_input(stack) -> dict:
     run = stack.run("main-flow/main")
@@ -31,10 +37,38 @@ def stored_input(stack) -> dict:
     return stack.output(run)["input"]
 
 
+# Run inside a flow container's image, network, user and environment: what a flow run may call.
+PROBE = """
+import json, os, sys, httpx
+api, run, pool = os.environ["PREFECT_API_URL"], os.environ["PREFECT__FLOW_RUN_ID"], sys.argv[1]
+auth = httpx.BasicAuth(*os.environ["PREFECT_API_AUTH_STRING"].split(":", 1))
+def status(method, url, **kw):
+    try:
+        return httpx.request(method, url, auth=auth, timeout=5, **kw).status_code
+    except httpx.HTTPError as exc:
+        return type(exc).__name__
+print(json.dumps({
+    "own run": status("GET", f"{api}/flow_runs/{run}"),
+    "read pool": status("GET", f"{api}/work_pools/{pool}"),
+    "write pool": status("PATCH", f"{api}/work_pools/{pool}", json={"base_job_template": {}}),
+    "create deployment": status("POST", f"{api}/deployments/", json={}),
+    "list blocks": status("POST", f"{api}/block_documents/filter", json={}),
+    "write automation": status("POST", f"{api}/automations/", json={}),
+    "rewrite the steps": status("PATCH", f"{api}/variables/name/pipeline-steps", json={"value": []}),
+    "admin listener": status("GET", api.replace(":4201", ":4200") + f"/work_pools/{pool}"),
+    "server itself": status("GET", f"http://prefect-server:4200/api/work_pools/{pool}"),
+}))
+"""
+
+
 def test_flow_containers_run_with_least_privilege(stack, stored_input):
-    run = stack.start("subflow/subflow", data=stored_input, out=stack.layout("priv").step("subflow/subflow"))
+    run = stack.start("subflow/subflow", data=stored_input, out=beside(stored_input, "priv"))
     info = inspect(stack, run.id)
     host = info["HostConfig"]
+    env = dict(item.split("=", 1) for item in info["Config"]["Env"])
+    assert stack.secret("api-auth-string") not in json.dumps(info)  # the flow credential only:
+    assert env["PREFECT_API_AUTH_STRING"] == stack.secret("flow-auth-string")
+    assert env["PREFECT_API_URL"].endswith(":4201/api")  # the gateway's flow listener
     assert info["Config"]["User"] == f"{SETTINGS['FLOW_UID']}:{SETTINGS['FLOW_UID']}"
     assert host["CapDrop"] == ["ALL"] and not host["CapAdd"]
     assert host["SecurityOpt"] == ["no-new-privileges:true"]
@@ -44,6 +78,73 @@ def test_flow_containers_run_with_least_privilege(stack, stored_input):
     assert host["Privileged"] is False
     assert host["Binds"] == [f"{stack.project}_data:/data"]  # the data volume, nothing of the host
     assert stack.wait_final(run.id).state.is_completed()
+
+    # What that container may call through the gateway: its runs, never pools, deployments, blocks.
+    user = ("-u", info["Config"]["User"], "--network", host["NetworkMode"])
+    args = [a for item in info["Config"]["Env"] for a in ("-e", item)]
+    command = (info["Config"]["Image"], "python", "-c", PROBE, stack.env()["FLOW_POOL"])
+    probe = stack.sh("docker", "run", "--rm", *user, *args, *command)
+    assert json.loads(probe.stdout) == {
+        "own run": 200, "read pool": 200, "write pool": 403, "create deployment": 403, "list blocks": 403,
+        "write automation": 403, "rewrite the steps": 403, "admin listener": 401, "server itself": "ConnectError",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "job_variables, violation",
+    [
+        ({"mem_limit": "0"}, "mem_limit '0' outside"),
+        ({"nano_cpus": 64 * 10**9, "pids_limit": 10**6}, "nano_cpus 64000000000 outside"),
+        ({"env": {"PYTHONWARNINGS": "ignore", "BROWSER": "sh"}}, "not in the pool's list: BROWSER, PYTHONWARNINGS"),
+        ({"image": "evil.example/miner:1"}, "image 'evil.example/miner:1' is not from the registry"),
+    ],
+)
+def test_a_raw_api_run_outside_the_policy_crashes_without_a_container(stack, job_variables, violation):
+    """POST /flow_runs/ skips the server's validation of job variables: the worker refuses."""
+    deployment = stack.deployment("subflow/subflow")
+    with stack.api() as client:
+        ids = {
+            "flow_id": str(deployment.flow_id),
+            "deployment_id": str(deployment.id),
+            "work_pool_name": deployment.work_pool_name,
+        }
+        body = {**ids, "job_variables": job_variables, "parameters": {}, "state": {"type": "SCHEDULED"}}
+        created = client.request("POST", "/flow_runs/", json=body).json()
+    run = stack.wait_final(created["id"], timeout=120)
+    assert run.state.is_crashed() and violation in run.state.message, run.state
+    assert not stack.containers(run.id)
+
+
+def test_steps_and_the_main_flow_refuse_references_and_images_from_elsewhere(stack, stored_input):
+    """A step reads nothing outside the store's runs/ (here the API itself) and writes nowhere but
+    its run; the main flow runs no image of another registry."""
+    probe = {**stored_input, "uri": "http://gateway:4201/api/health"}
+    read = stack.run("subflow/subflow", data=probe, out=beside(stored_input, "probe"))
+    assert read.state.is_failed() and "reference refused: http://gateway:4201/api/health" in read.state.message
+    other = stack.layout(uuid.uuid4()).step("subflow")
+    write = stack.run("subflow/subflow", data=stored_input, out=other)
+    assert write.state.is_failed() and f"reference refused: {other} is not in this run's part" in write.state.message
+    assert not stack.exists(other)
+    foreign = stack.run("main-flow/main", images={"subflow/subflow": "evil.example/miner:1"})
+    assert (
+        foreign.state.is_failed()
+        and "['evil.example/miner:1'] are not of this platform's registry" in foreign.state.message
+    )
+
+
+def test_a_pool_template_rewritten_through_the_api_crashes_the_run(stack, stored_input):
+    pool = stack.env()["SUBFLOW_POOL"]
+    with stack.api() as client:
+        template = client.read_work_pool(pool).base_job_template
+        hostile = json.loads(json.dumps(template))
+        hostile["job_configuration"].update(privileged=True, volumes=["/:/host"])
+        client.update_work_pool(pool, WorkPoolUpdate(base_job_template=hostile))
+    try:
+        run = stack.run("subflow/subflow", data=stored_input, out=beside(stored_input, "tpl"))
+    finally:
+        with stack.api() as client:
+            client.update_work_pool(pool, WorkPoolUpdate(base_job_template=template))
+    assert run.state.is_crashed() and "privileged; volumes ['/:/host']" in run.state.message, run.state
 
 
 def test_a_run_cannot_widen_the_pool_template(stack, stored_input):
@@ -55,9 +156,7 @@ def test_a_run_cannot_widen_the_pool_template(stack, stored_input):
         "network_mode": "host",
         "container_create_kwargs": {"cap_add": ["SYS_ADMIN"], "user": "root"},
     }
-    run = stack.start(
-        "subflow/subflow", job_variables=unsafe, data=stored_input, out=stack.layout("x").step("subflow/subflow")
-    )
+    run = stack.start("subflow/subflow", job_variables=unsafe, data=stored_input, out=beside(stored_input, "x"))
     info = inspect(stack, run.id)
     host = info["HostConfig"]
     assert (
@@ -68,6 +167,35 @@ def test_a_run_cannot_widen_the_pool_template(stack, stored_input):
     assert host["Binds"] == [f"{stack.project}_data:/data"] and host["NetworkMode"] == f"{stack.project}_default"
     assert info["Config"]["Cmd"] == ["python", "-m", "prefect.engine"]
     assert stack.wait_final(run.id).state.is_completed()
+
+
+def heartbeats(stack, run_id) -> int:
+    """How many heartbeats of a run the server has received."""
+    query = {
+        "filter": {
+            "event": {"name": ["prefect.flow-run.heartbeat"]},
+            "resource": {"id": [f"prefect.flow-run.{run_id}"]},
+        }
+    }
+    with stack.api() as client:
+        return len(client.request("POST", "/events/filter", json=query).json()["events"])
+
+
+def test_a_run_whose_container_dies_unwatched_is_crashed_when_its_heartbeats_stop(stack):
+    """Its worker is down when its container dies: the automation of pools/automations.json frees
+    the run (and its pool slot) instead of leaving it Running for ever."""
+    stack.compose("stop", "worker-subflow")  # so the main run waits on its step
+    try:
+        run = stack.start("main-flow/main", steps=["subflow/subflow"])
+        (container,) = wait_for("the main run's container", lambda: stack.containers(run.id, running=True), 120)
+        wait_for("a heartbeat of the main run", lambda: heartbeats(stack, run.id), 120)
+        stack.compose("stop", "worker-flow")
+        stack.sh("docker", "kill", container)
+        assert stack.read_run(run.id).state.is_running()
+        crashed = stack.wait_final(run.id, timeout=240)
+    finally:
+        stack.compose("up", "-d", "--wait", "worker-flow", "worker-subflow")
+    assert crashed.state.is_crashed() and "No heartbeat for 90 s" in crashed.state.message, crashed.state
 
 
 def test_the_api_refuses_requests_without_the_auth_string(stack):
@@ -94,26 +222,25 @@ def test_csrf_and_cors_protect_the_browser_path(stack):
 
 def test_the_registry_refuses_anonymous_pulls_and_pushes(stack, tmp_path):
     assert httpx.get(f"http://127.0.0.1:{stack.registry_port}/v2/_catalog").status_code == 401
-    image = stack.deployment("subflow/subflow").job_variables["image"]
+    deployment = stack.deployment("subflow/subflow")
+    image = f"{deployment.job_variables['image'].split('@')[0]}:{deployment.version}"  # push needs a tag
     # An empty client configuration: no stored login, whatever the host has.
     push = stack.sh("docker", "--config", str(tmp_path), "push", image, check=False)
     assert push.returncode != 0 and "no basic auth credentials" in push.stdout + push.stderr
 
 
 def test_a_registry_that_refuses_credentials_crashes_the_run_with_the_cause(stack):
+    """Workers read the registry's password from the stack's secrets for each pull."""
     image = stack.deployment("subflow/subflow").job_variables["image"]
-    with stack.api() as client:
-        block = client.read_block_document_by_name("pipeline-registry", "docker-registry-credentials")
-        data = {**block.data, "password": "wrong"}
-        client.update_block_document(block.id, BlockDocumentUpdate(data=data))
-    stack.sh("docker", "image", "rm", image)  # the worker has to pull it
+    password = "/secrets/registry-password"
+    volume = ("docker", "run", "--rm", "-v", f"{stack.project}_secrets:/secrets", "--entrypoint", "sh")
+    worker_image = f"{stack.project}/worker:{SETTINGS['PREFECT_VERSION']}"
+    stack.sh(*volume, worker_image, "-c", f"echo wrong > {password}")
+    stack.sh("docker", "image", "rm", image, image.split("@")[0] + ":" + stack.deployment("subflow/subflow").version)
     try:
         run = stack.run("main-flow/main", steps=["subflow/subflow"])
     finally:
-        with stack.api() as client:
-            client.update_block_document(
-                block.id, BlockDocumentUpdate(data={**data, "password": stack.secret("registry-password")})
-            )
+        stack.sh(*volume, worker_image, "-c", f"echo '{stack.secret('registry-password')}' > {password}")
     child = stack.child(run.id, "subflow")
     assert child.state.is_crashed() and "401" in child.state.message, child.state
     assert run.state.is_failed() and "ended Crashed" in run.state.message
@@ -142,25 +269,25 @@ def test_the_secrets_live_with_the_stack_not_the_clone(tmp_path):
     is refused by name, instead of meeting a new password it cannot open."""
     own = Stack("modular-pipeline-secrets", prefect_port=14300, registry_port=15100)
     clone = tmp_path / "clone"
-    for name in ("docker-compose.yml", ".env", "tools", "worker", ".secrets/.gitignore"):
+    for name in ("docker-compose.yml", ".env", "tools", "worker", "gateway", ".secrets/.gitignore"):
         (clone / name).parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, clone / name)
     mirrors = [ROOT / ".secrets" / own.project, clone / ".secrets" / own.project]
     own.down()
     try:
-        own.compose("up", "-d", "--build", "--wait", "prefect-server")
+        own.compose("up", "-d", "--build", "--wait", "gateway")
         auth = own.secret("api-auth-string")
         own.compose("down")
-        own.compose("up", "-d", "--wait", "prefect-server", cwd=clone)  # recreated, from the clone
+        own.compose("up", "-d", "--wait", "gateway", cwd=clone)  # recreated, from the clone
         assert (mirrors[1] / "api-auth-string").read_text().strip() == auth
         with own.api() as client:
-            assert client.read_flows() == []  # the server opened its database and takes the auth string
+            assert client.read_flows() == []  # the server opened its database; the gateway takes the auth string
 
         own.compose("down", cwd=clone)
         own.sh("docker", "volume", "rm", f"{own.project}_secrets")
         for mirror in mirrors:
             shutil.rmtree(mirror)
-        assert own.compose("up", "-d", "--wait", "prefect-server", check=False).returncode != 0
+        assert own.compose("up", "-d", "--wait", "gateway", check=False).returncode != 0
         logs = own.compose("logs", "--no-log-prefix", "secrets").stdout
         assert f"the stack's database (volume {own.project}_postgres-data) exists but its secrets are gone" in logs
         assert not mirrors[0].exists()  # and no new secrets were made

@@ -44,18 +44,18 @@ from {name} import {name} as component
 
 
 @pytest.fixture
-def stored(tmp_path) -> DataRef:
-    return write_parquet(pa.table({{"a": [1, 2, 3]}}), f"file://{{tmp_path}}/input.parquet")
+def stored(run_dir) -> DataRef:
+    return write_parquet(pa.table({{"a": [1, 2, 3]}}), f"file://{{run_dir}}/input.parquet")
 
 
-def test_passes_valid_data_on(prefect_api, stored, tmp_path):
-    result = component.{name}(data=stored, out=f"file://{{tmp_path}}/{name}")
+def test_passes_valid_data_on(prefect_api, stored, run_dir):
+    result = component.{name}(data=stored, out=f"file://{{run_dir}}/{name}")
     assert result["output"] == stored and result["summary"] == [{{"rows": 3, "columns": 1}}]
 
 
-def test_refuses_a_corrupt_object(prefect_api, stored, tmp_path):
+def test_refuses_a_corrupt_object(prefect_api, stored, run_dir):
     corrupt = {{**stored, "sha256": "0" * 64}}
-    state = component.{name}(data=corrupt, out=f"file://{{tmp_path}}/{name}", return_state=True)
+    state = component.{name}(data=corrupt, out=f"file://{{run_dir}}/{name}", return_state=True)
     assert state.is_failed()
 '''
 

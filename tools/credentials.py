@@ -5,7 +5,8 @@
 The secrets live in the stack's `secrets` volume, beside the database they unlock, so a second
 clone of the repository (or one whose ./.secrets was deleted) starts the same stack. Each `up`
 copies them to ./.secrets/<compose project>/ (never tracked), where host tools read them:
-  api-auth-string      user:password of Prefect's API: server, workers, CLI, tests, benchmark
+  api-auth-string      user:password of Prefect's API: gateway, workers, CLI, tests, benchmark
+  flow-auth-string     the flow containers' own, which the gateway allows only a flow run's calls
   postgres-password    the Prefect server's database password
   registry-password    the registry user's password; registry-htpasswd holds its bcrypt hash
 A stack made before the volume existed has them only in ./.secrets/<project>/: they are adopted.
@@ -19,8 +20,8 @@ from pathlib import Path
 
 import bcrypt
 
-API_USER, REGISTRY_USER = "admin", "pipeline"
-NAMES = ("api-auth-string", "postgres-password", "registry-password", "registry-htpasswd")
+API_USER, FLOW_USER, REGISTRY_USER = "admin", "flow", "pipeline"
+NAMES = ("api-auth-string", "flow-auth-string", "postgres-password", "registry-password", "registry-htpasswd")
 
 
 def generate(directory: Path) -> dict[str, str]:
@@ -28,6 +29,8 @@ def generate(directory: Path) -> dict[str, str]:
     new = {}
     if not (directory / "api-auth-string").exists():
         new["api-auth-string"] = f"{API_USER}:{secrets.token_urlsafe(24)}"
+    if not (directory / "flow-auth-string").exists():
+        new["flow-auth-string"] = f"{FLOW_USER}:{secrets.token_urlsafe(24)}"
     if not (directory / "postgres-password").exists():
         new["postgres-password"] = secrets.token_urlsafe(24)
     if not all((directory / name).exists() for name in ("registry-password", "registry-htpasswd")):
@@ -39,9 +42,10 @@ def generate(directory: Path) -> dict[str, str]:
 
 def main(volume: Path, mirror: Path, pgdata: Path) -> None:
     if not (volume / "postgres-password").exists():
-        if all((mirror / name).is_file() for name in NAMES):
+        if all((mirror / name).is_file() for name in NAMES if name != "flow-auth-string"):  # older stacks lack it
             for name in NAMES:
-                shutil.copyfile(mirror / name, volume / name)
+                if (mirror / name).is_file():
+                    shutil.copyfile(mirror / name, volume / name)
             print(f"adopted the secrets in ./.secrets/{mirror.name}/")
         elif (pgdata / "PG_VERSION").exists():
             # Postgres sets its password once, when it creates the database: a new one cannot open it.

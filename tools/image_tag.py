@@ -1,7 +1,10 @@
-"""A `prefect deploy` build step: the image name and content tag of one component.
+"""`prefect deploy` steps: the image name and content tag of one component (build), and the
+digest the registry gave the pushed image (push), which the deployment then runs.
 
     build:
       - tools/image_tag.py:image_tag: {id: component, directory: subflow}
+    push:
+      - tools/image_tag.py:image_digest: {id: pinned, image: "{{ build-image.image }}"}
 
 The tag is a hash of what the image is made of: the component's files and the step kit's
 (stepkit/) that the build context really holds (docker-py's own reading of .dockerignore), the
@@ -17,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import TypedDict
 
+import docker
 from docker.utils.build import exclude_paths
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +64,21 @@ def content_hash(directory: Path, build_args: list[str]) -> str:
             # Names with forward slashes and file bytes as they are: the same on every OS.
             digest.update(b"\0" + name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
+
+
+class PinnedImage(TypedDict):
+    image: str
+
+
+def image_digest(image: str) -> PinnedImage:
+    """`image` (repository:tag, just pushed) as repository@sha256:..., the registry's digest: what
+    runs can never change under the deployment, whatever is pushed to the tag later."""
+    repository = image.rsplit(":", 1)[0]
+    digests = docker.from_env().images.get(image).attrs.get("RepoDigests") or []
+    pinned = [d for d in digests if d.startswith(f"{repository}@sha256:")]
+    if not pinned:
+        raise RuntimeError(f"{image} has no digest from {repository.split('/')[0]}: push it first")
+    return PinnedImage(image=pinned[0])
 
 
 if __name__ == "__main__":

@@ -1,28 +1,29 @@
-"""Apply the work pools and the blocks the flows use; the compose `setup` service runs it on `up`.
+"""Apply the work pools, the blocks and the automations the flows use; the compose `setup` service
+runs it on `up`.
 
     python tools/setup.py pools/docker.json "$FLOW_POOL:$FLOW_POOL_LIMIT" ... --blocks
 
-Each pool gets the base job template, with ${VAR} filled in from the environment (entries
-that come out empty are dropped, e.g. the stack network on a remote host), and its concurrency
-limit. With --blocks, it first saves the blocks that the template and prefect.yaml refer to: the
-result storage, in the data store, and the registry's credentials. Idempotent: every `up`
-reapplies .env.
+Each pool (of this platform's worker type, worker/pipeline_worker.py) gets the base job template,
+with ${VAR} filled in from the environment (entries that come out empty are dropped, e.g. the
+stack network on a remote host), and its concurrency limit. With --blocks, it first saves the
+blocks that the template and prefect.yaml refer to (the result storage, in the data store, and the
+registry's credentials) and pools/automations.json. Idempotent: every `up` reapplies .env.
 """
 
 import argparse
 import json
 import os
-import string
 from pathlib import Path
 from typing import Any
 
+from pipeline_worker import RESULTS_BLOCK, PolicyDockerWorker, render, results_block
 from prefect import get_client
 from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+from prefect.events.schemas.automations import AutomationCore
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from prefect_docker.credentials import DockerRegistryCredentials
 
-RESULTS_BLOCK = "pipeline-results"
 REGISTRY_BLOCK = "pipeline-registry"
 SECRETS = Path("/secrets")
 
@@ -47,19 +48,15 @@ def save_blocks() -> None:
     print(f"blocks: {RESULTS_BLOCK} in the data store, {REGISTRY_BLOCK} for {os.environ['REGISTRY']}")
 
 
-def render(template: Any) -> Any:
-    """Fill ${VAR} from the environment; drop list items and mapping entries that are empty."""
-    if isinstance(template, dict):
-        items = {k: render(v) for k, v in template.items()}
-        return {k: v for k, v in items.items() if v != ""}
-    if isinstance(template, list):
-        return [item for item in map(render, template) if item != ""]
-    if isinstance(template, str):
-        try:
-            return string.Template(template).substitute(os.environ)
-        except KeyError as exc:
-            raise SystemExit(f"error: the pool template needs {exc.args[0]} in the environment") from exc
-    return template
+def apply_automations(path: Path) -> None:
+    """Create or replace each automation of the file, by name."""
+    with get_client(sync_client=True) as client:
+        for spec in json.loads(path.read_text()):
+            automation = AutomationCore.model_validate(spec)
+            for old in client.read_automations_by_name(automation.name):
+                client.delete_automation(old.id)
+            client.create_automation(automation)
+            print(f"automation {automation.name}: applied")
 
 
 def apply_pool(name: str, limit: int, template: dict[str, Any]) -> None:
@@ -67,9 +64,16 @@ def apply_pool(name: str, limit: int, template: dict[str, Any]) -> None:
     with get_client(sync_client=True) as client:
         try:
             client.create_work_pool(
-                WorkPoolCreate(name=name, type="docker", base_job_template=template, concurrency_limit=limit)
+                WorkPoolCreate(
+                    name=name, type=PolicyDockerWorker.type, base_job_template=template, concurrency_limit=limit
+                )
             )
         except ObjectAlreadyExists:
+            if (kind := client.read_work_pool(name).type) != PolicyDockerWorker.type:
+                raise SystemExit(
+                    f"error: work pool {name} is of type {kind}, not {PolicyDockerWorker.type}: delete it "
+                    f"(prefect work-pool delete {name}) and start the stack again"
+                ) from None
             client.update_work_pool(name, WorkPoolUpdate(base_job_template=template, concurrency_limit=limit))
     print(f"work pool {name}: limit {limit}, template applied")
 
@@ -85,10 +89,8 @@ def main() -> None:
             raise SystemExit(f"error: cannot reach the Prefect API at {client.api_url}: {failure!r}")
     if args.blocks:
         save_blocks()
-    with get_client(sync_client=True) as client:  # the template refers to blocks by slug and id
-        registry = client.read_block_document_by_name(REGISTRY_BLOCK, "docker-registry-credentials")
-    os.environ["REGISTRY_CREDENTIALS_ID"] = str(registry.id)
-    os.environ["RESULTS_STORAGE_BLOCK"] = f"{results_storage().get_block_type_slug()}/{RESULTS_BLOCK}"
+        apply_automations(args.template.parent / "automations.json")
+    os.environ["RESULTS_STORAGE_BLOCK"] = results_block(os.environ["PIPELINE_DATA_URL"])
     template = json.loads(args.template.read_text())
     template["job_configuration"] = render(template["job_configuration"])
     for pool in args.pools:

@@ -38,8 +38,8 @@ def image_name(component: str) -> str:
     sys.exit(f"error: no component {component!r} in prefect.yaml (components: {names})")
 
 
-def registry_tags(repository: str) -> dict[str, str]:
-    """Tag -> creation time of each image of `repository` in the registry."""
+def registry_tags(repository: str) -> dict[str, tuple[str, str]]:
+    """Tag -> (creation time, digest) of each image of `repository` in the registry, newest first."""
     credentials = DockerRegistryCredentials.load("pipeline-registry")
     auth = (credentials.username, credentials.password.get_secret_value())
     with httpx.Client(base_url=f"{REGISTRY_URL}/v2/{repository}", auth=auth, timeout=10) as registry:
@@ -49,10 +49,10 @@ def registry_tags(repository: str) -> dict[str, str]:
         response.raise_for_status()
         created = {}
         for tag in response.json().get("tags") or []:
-            manifest = registry.get(f"/manifests/{tag}", headers={"Accept": MANIFEST}).json()
-            config = registry.get(f"/blobs/{manifest['config']['digest']}").json()
-            created[tag] = config.get("created", "")
-    return dict(sorted(created.items(), key=lambda item: item[1], reverse=True))
+            response = registry.get(f"/manifests/{tag}", headers={"Accept": MANIFEST})
+            config = registry.get(f"/blobs/{response.json()['config']['digest']}").json()
+            created[tag] = (config.get("created", ""), response.headers["Docker-Content-Digest"])
+    return dict(sorted(created.items(), key=lambda item: item[1][0], reverse=True))
 
 
 def read_deployment(client: Any, component: str) -> Any:
@@ -68,18 +68,18 @@ def list_versions(component: str) -> None:
     name = image_name(component)
     with get_client(sync_client=True) as client:
         deployed = read_deployment(client, component).job_variables.get("image")
-    for tag, created in registry_tags(name.split("/", 1)[1]).items():
-        mark = "*" if f"{name}:{tag}" == deployed else " "
+    for tag, (created, digest) in registry_tags(name.split("/", 1)[1]).items():
+        mark = "*" if deployed in (f"{name}:{tag}", f"{name}@{digest}") else " "
         print(f"{mark} {tag}  {created[:19]}")
 
 
 def rollback(component: str, tag: str) -> None:
-    """Point a component's deployment at an image already in the registry."""
+    """Point a component's deployment at an image already in the registry, by its digest."""
     name = image_name(component)
     tags = registry_tags(name.split("/", 1)[1])
     if tag not in tags:
         sys.exit(f"error: {name}:{tag} is not in the registry (tags: {', '.join(tags) or 'none'})")
-    image = f"{name}:{tag}"
+    image = f"{name}@{tags[tag][1]}"
     with get_client(sync_client=True) as client:
         deployment = read_deployment(client, component)
         variables = {**deployment.job_variables, "image": image}

@@ -51,11 +51,11 @@ def test_a_missing_column_is_a_failure(tmp_path):
     assert {f["failure_case"] for f in failures} >= {"sepal_length", "petal_width"}
 
 
-def test_flow_fails_with_a_report(prefect_api, tmp_path):
+def test_flow_fails_with_a_report(prefect_api, run_dir):
     table = pacsv.read_csv(IRIS).to_pydict()
     table["petal_width"][3] = -1.0
-    ref = store(pa.table(table), tmp_path / "bad.parquet")
-    state = component.validate(data=ref, out=f"file://{tmp_path}/out", columns=SCHEMA, return_state=True)
+    ref = store(pa.table(table), run_dir / "bad.parquet")
+    state = component.validate(data=ref, out=f"file://{run_dir}/validate", columns=SCHEMA, return_state=True)
     assert state.is_failed()
     first = r"column 'petal_width' failed greater_than_or_equal_to\(0.0\) with '-1.0' at row 3"
     with pytest.raises(ValueError, match=r"validation failed with 1 failure case\(s\); the first: " + first):
@@ -67,9 +67,9 @@ def test_flow_fails_with_a_report(prefect_api, tmp_path):
     assert any("150 rows, 1 problems" in a.data and "| petal_width" in a.data for a in artifacts)
 
 
-def test_flow_passes_valid_data_on_unchanged(prefect_api, tmp_path):
-    ref = store(pacsv.read_csv(IRIS), tmp_path / "iris.parquet")
-    result = component.validate(data=ref, out=f"file://{tmp_path}/out", columns=SCHEMA)
+def test_flow_passes_valid_data_on_unchanged(prefect_api, run_dir):
+    ref = store(pacsv.read_csv(IRIS), run_dir / "iris.parquet")
+    result = component.validate(data=ref, out=f"file://{run_dir}/validate", columns=SCHEMA)
     assert result["output"] == ref
     assert [s["column"] for s in result["summary"]] == ref["columns"]
     assert "150 rows, valid" in result["report"]

@@ -7,9 +7,10 @@ import pyarrow.parquet as pq
 from tabulate import tabulate
 from typing_extensions import TypedDict  # pydantic needs it for parameters on Python 3.11
 
-from stepkit import DataRef, Dataset, Output, StepFailed, step
+from stepkit import DataRef, Dataset, Output, StepFailed, batches, step
 
 SHOWN_FAILURES = 20  # failure cases in the error and the report
+BATCH_BYTES = 8 << 20  # Arrow bytes per batch: pandas needs several times as much
 MAX_FAILURES = 1000  # stop reading once this many are found: the report is already clear
 DTYPES = {"float": "float64", "int": "int64", "str": "str", "bool": "bool"}
 
@@ -66,7 +67,7 @@ def check(parquet: pq.ParquetFile, schema: pa.DataFrameSchema) -> list[dict[str,
     """Every failure case, batch by batch, up to MAX_FAILURES."""
     failures: list[dict[str, Any]] = []
     offset = 0
-    for batch in parquet.iter_batches(batch_size=1 << 20):
+    for batch in batches(parquet, BATCH_BYTES):
         try:
             schema.validate(batch.to_pandas(), lazy=True)
         except pa.errors.SchemaErrors as exc:

@@ -1,0 +1,162 @@
+"""The platform's worker type, `pipeline-docker`: prefect-docker's Docker worker that enforces the
+repository's policy (pools/policy.json) on every container it creates, whatever the server says.
+
+A work pool's template, a run's job variables and `POST /flow_runs/` all come from the API, so
+anyone holding a credential could ask for a privileged container or another image. This worker
+renders the repository's own pools/docker.json with its own environment and crashes the run,
+naming the violation, before it creates a container that differs from it or exceeds the bounds.
+Flow containers get the gateway's flow credential (FLOW_API_URL, /secrets/flow-auth-string),
+never the worker's admin one. The registry's credentials come from /secrets too, not from the
+template, which flow runs may read.
+"""
+
+import json
+import os
+import re
+import string
+from pathlib import Path
+from typing import Any
+
+from prefect_docker.credentials import DockerRegistryCredentials
+from prefect_docker.worker import DockerWorker, DockerWorkerJobConfiguration
+
+POOLS = Path(os.environ.get("PIPELINE_POOLS", "/project/pools"))
+SECRETS = Path("/secrets")
+RESULTS_BLOCK = "pipeline-results"
+# What prefect-docker passes to containers.create() besides the template's container_create_kwargs.
+BASE_SETTINGS = {
+    "image", "network", "network_mode", "command", "environment", "auto_remove", "labels",
+    "extra_hosts", "name", "volumes", "mem_limit", "memswap_limit", "privileged",
+}  # fmt: skip
+UNITS = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+HOST_GATEWAY = {"host.docker.internal": "host-gateway"}
+
+
+class PolicyViolation(Exception):
+    """A container configuration the repository's policy refuses."""
+
+
+def render(template: Any, env: dict[str, str] | None = None) -> Any:
+    """Fill ${VAR} from the environment; drop list items and mapping entries that are empty."""
+    env = os.environ if env is None else env
+    if isinstance(template, dict):
+        items = {k: render(v, env) for k, v in template.items()}
+        return {k: v for k, v in items.items() if v != ""}
+    if isinstance(template, list):
+        return [item for item in (render(i, env) for i in template) if item != ""]
+    if isinstance(template, str):
+        try:
+            return string.Template(template).substitute(env)
+        except KeyError as exc:
+            raise SystemExit(f"error: the pool template needs {exc.args[0]} in the environment") from exc
+    return template
+
+
+def results_block(store_url: str) -> str:
+    """The slug of the result storage block tools/setup.py saves for this store."""
+    kind = "local-file-system" if store_url.startswith("file://") else "remote-file-system"
+    return f"{kind}/{RESULTS_BLOCK}"
+
+
+def memory_bytes(value: Any) -> int:
+    """Docker's memory notation (512m, 1g, or bytes) in bytes; 0 for anything else."""
+    match = re.fullmatch(r"([0-9]+)([bkmg]?)", str(value).lower())
+    return int(match[1]) * UNITS[match[2] or "b"] if match else 0
+
+
+class Policy:
+    """What a flow container may be: pools/docker.json as this host renders it, plus bounds."""
+
+    def __init__(self, pools: Path = POOLS, env: dict[str, str] | None = None):
+        env = dict(os.environ if env is None else env)
+        env.setdefault("RESULTS_STORAGE_BLOCK", results_block(env.get("PIPELINE_DATA_URL", "")))
+        self.expected = render(json.loads((pools / "docker.json").read_text())["job_configuration"], env)
+        bounds = json.loads((pools / "policy.json").read_text())
+        self.max_memory = memory_bytes(bounds["max_mem_limit"])
+        self.max_cpus, self.max_pids = int(bounds["max_nano_cpus"]), int(bounds["max_pids_limit"])
+        self.registry = env["REGISTRY"]
+        self.flow_env = {
+            "PREFECT_API_URL": env["FLOW_API_URL"],
+            "PREFECT_API_AUTH_STRING": env.get("FLOW_AUTH_STRING")
+            or (SECRETS / "flow-auth-string").read_text().strip(),
+        }
+        # A worker that reaches the API on its host's loopback (one-machine setups, the tests)
+        # has to give flow containers the host network too; nowhere else.
+        self.host_network = env.get("FLOW_HOST_NETWORK") == "host"
+
+    def environment(self, given: dict[str, str], flow_run_id: str, worker_keys: set[str]) -> dict[str, str]:
+        """The container's environment: the pool's keys with the pool's values, the run's id and
+        the flow credential. A key the pool does not list refuses the run."""
+        pool = {k: given.get(k, v) if "{{" in v else v for k, v in self.expected.get("env", {}).items()}
+        expected = {**pool, **self.flow_env, "PREFECT__FLOW_RUN_ID": flow_run_id}
+        allowed = {*expected, *worker_keys}
+        foreign = sorted(k for k in given if k not in allowed and not k.startswith("PREFECT__"))
+        if foreign:
+            raise PolicyViolation(f"environment variables not in the pool's list: {', '.join(foreign)}")
+        return expected
+
+    def registry_credentials(self) -> DockerRegistryCredentials | None:
+        """The registry's user and password from the stack's secrets, read for each run."""
+        if not (SECRETS / "registry-password").is_file():
+            return None
+        return DockerRegistryCredentials(
+            username=(SECRETS / "registry-htpasswd").read_text().split(":", 1)[0],
+            password=(SECRETS / "registry-password").read_text().strip(),
+            registry_url=self.registry,
+        )
+
+    def check(self, settings: dict[str, Any]) -> None:
+        """Refuse container settings outside the policy, naming every violation."""
+        get, expected = settings.get, self.expected
+        kwargs = expected.get("container_create_kwargs", {})
+        fixed = {key: value for key, value in kwargs.items() if not str(value).startswith("{{")}
+        extra = sorted(set(settings) - BASE_SETTINGS - set(kwargs))
+        image, networks = str(get("image")), expected.get("networks", [])
+        modes = (None, "host") if self.host_network else (None,)
+        memory = memory_bytes(get("mem_limit"))
+        problems = {
+            f"settings outside the template: {', '.join(extra)}": bool(extra),
+            f"image {image!r} is not from the registry {self.registry}": not image.startswith(f"{self.registry}/"),
+            "privileged": get("privileged") is not False,
+            f"network mode {get('network_mode')!r}": get("network_mode") not in modes,
+            f"network {get('network')!r}": get("network") != (networks[0] if networks else None),
+            f"volumes {get('volumes')!r}": list(get("volumes") or []) != expected.get("volumes", []),
+            f"command {get('command')!r}": get("command") != expected.get("command"),
+            # prefect-docker maps host.docker.internal for an API on loopback: the host, nothing more.
+            f"extra hosts {get('extra_hosts')!r}": get("extra_hosts") not in (None, {}, HOST_GATEWAY),
+            "auto_remove off": get("auto_remove") is not True,
+            f"mem_limit {get('mem_limit')!r} outside 1..{self.max_memory} bytes": not 0 < memory <= self.max_memory,
+            "memswap_limit differs from mem_limit": get("memswap_limit") != get("mem_limit"),
+            f"nano_cpus {get('nano_cpus')!r} outside 1..{self.max_cpus}": not 0
+            < int(get("nano_cpus") or 0)
+            <= self.max_cpus,
+            f"pids_limit {get('pids_limit')!r} outside 1..{self.max_pids}": not 0
+            < int(get("pids_limit") or 0)
+            <= self.max_pids,
+        }
+        problems.update({f"{key} {get(key)!r}, not {value!r}": get(key) != value for key, value in fixed.items()})
+        if refused := [message for message, violated in problems.items() if violated]:
+            raise PolicyViolation(f"refused by pools/policy.json: {'; '.join(refused)}")
+
+
+class PolicyDockerWorker(DockerWorker):
+    """A Docker worker that creates only the containers the repository's policy allows."""
+
+    type = "pipeline-docker"
+    job_configuration = DockerWorkerJobConfiguration
+    _description = "Docker worker that enforces this repository's container policy (pools/policy.json)."
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.policy = Policy()
+
+    async def run(self, flow_run, configuration: DockerWorkerJobConfiguration, task_status=None):  # noqa: ANN001, ANN201
+        worker_keys = set(configuration._base_environment())
+        configuration.env = self.policy.environment(configuration.env, str(flow_run.id), worker_keys)
+        configuration.registry_credentials = self.policy.registry_credentials()
+        return await super().run(flow_run, configuration, task_status)
+
+    def _build_container_settings(self, docker_client, configuration):  # noqa: ANN001, ANN202
+        settings = super()._build_container_settings(docker_client, configuration)
+        self.policy.check(settings)
+        return settings
