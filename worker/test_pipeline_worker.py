@@ -7,8 +7,8 @@ from pipeline_worker import Policy, PolicyViolation, memory_bytes
 
 POOLS = Path(__file__).resolve().parent.parent / "pools"
 ENV = {
-    "PIPELINE_DATA_URL": "file:///data", "AWS_ENDPOINT_URL": "", "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
-    "AWS_DEFAULT_REGION": "", "SOURCE_ALLOW_HOSTS": "", "FLOW_UID": "10001", "REGISTRY": "localhost:5000",
+    "PIPELINE_DATA_URL": "file:///store", "AWS_ENDPOINT_URL": "", "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
+    "AWS_DEFAULT_REGION": "", "SOURCE_ALLOW_HOSTS": "", "FLOW_UID": "10001", "REGISTRY": "registry.example:5000",
     "STACK_NETWORK": "stack_default", "DATA_VOLUME": "stack_data:/data", "FLOW_API_URL": "http://gateway:4201/api",
     "FLOW_AUTH_STRING": "flow:secret",
 }  # fmt: skip
@@ -22,7 +22,7 @@ def policy() -> Policy:
 def settings(**changes: object) -> dict:
     """Container settings as prefect-docker builds them from the repository's template."""
     base = {
-        "image": "localhost:5000/subflow@sha256:" + "0" * 64, "network": "stack_default", "network_mode": None,
+        "image": "registry.example:5000/subflow@sha256:" + "0" * 64, "network": "stack_default", "network_mode": None,
         "command": "python -m prefect.engine", "environment": {}, "auto_remove": True, "labels": {},
         "extra_hosts": None, "name": "run", "volumes": ["stack_data:/data"], "mem_limit": "1g",
         "memswap_limit": "1g", "privileged": False, "user": "10001:10001", "cap_drop": ["ALL"],
@@ -47,8 +47,8 @@ def test_the_templates_own_container_passes(policy):
         ({"network_mode": "host", "network": None}, "network mode 'host'"),
         ({"volumes": ["stack_data:/data", "/:/host"]}, "volumes"),
         ({"read_only": False}, "read_only False"),
-        ({"image": "evil.example/x:1"}, "not from the registry localhost:5000"),
-        ({"image": "localhost:50000/x"}, "not from the registry"),
+        ({"image": "evil.example/x:1"}, "not from the registry registry.example:5000"),
+        ({"image": "registry.example:50000/x"}, "not from the registry"),
         ({"mem_limit": "0", "memswap_limit": "0"}, "mem_limit '0' outside"),
         ({"mem_limit": "64g", "memswap_limit": "64g"}, "mem_limit '64g' outside"),
         ({"memswap_limit": "-1"}, "memswap_limit differs"),
@@ -76,13 +76,13 @@ def test_the_environment_is_the_pools_with_the_flow_credential(policy):
         "PREFECT_API_URL": "http://prefect-server:4200/api", "PREFECT_API_AUTH_STRING": "admin:secret",
         "PIPELINE_DATA_URL": "http://prefect-server:4200/api",
         "PREFECT__FLOW_RUN_ID": "another", "PREFECT_WORKER_QUERY_SECONDS": "0.5",
-        "COMPONENT_IMAGE": "localhost:5000/subflow@sha256:abc",  # templated by Prefect: {{ image }}
+        "COMPONENT_IMAGE": "registry.example:5000/subflow@sha256:abc",  # templated by Prefect: {{ image }}
     }  # fmt: skip
     env = policy.environment(given, "run-1", worker_keys={"PREFECT_WORKER_QUERY_SECONDS"})
     assert env["PREFECT_API_AUTH_STRING"] == "flow:secret" and env["PREFECT_API_URL"] == "http://gateway:4201/api"
-    assert env["PIPELINE_DATA_URL"] == "file:///data" and "SOURCE_ALLOW_HOSTS" not in env  # empty: dropped
+    assert env["PIPELINE_DATA_URL"] == "file:///store" and "SOURCE_ALLOW_HOSTS" not in env  # empty: dropped
     assert env["PREFECT__FLOW_RUN_ID"] == "run-1" and "PREFECT_WORKER_QUERY_SECONDS" not in env
-    assert env["COMPONENT_IMAGE"] == "localhost:5000/subflow@sha256:abc"
+    assert env["COMPONENT_IMAGE"] == "registry.example:5000/subflow@sha256:abc"
     with pytest.raises(PolicyViolation, match="not in the pool's list: BROWSER, PYTHONWARNINGS, SOURCE_ALLOW_HOSTS"):
         policy.environment({"PYTHONWARNINGS": "x", "BROWSER": "y", "SOURCE_ALLOW_HOSTS": "*"}, "run-1", set())
 
