@@ -70,7 +70,7 @@ def test_retention_removes_expired_run_data_results_and_variables(stack):
             )
         )
     kept = set(stack.written(f"{stack.data_url()}/results")) - {f"{results}/expired"}
-    with pytest.raises(Exception, match="greater than or equal to 1"):  # days=0 would delete everything
+    with pytest.raises(Exception, match="0 is less than the minimum of 1"):  # days=0 would delete everything
         stack.start("retention/retention", days=0)
 
     (command,) = [b[0] for b in readme_blocks("## Data by reference") if b[0].startswith("make retention")]
