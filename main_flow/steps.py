@@ -119,14 +119,15 @@ async def until_final(ids: list[UUID], deadline: float) -> list[FlowRun]:
                     soon = False
                     if events is None:
                         await anyio.sleep_forever()  # until the next read
-                    try:
-                        event = await anext(events)
-                    except Exception:  # e.g. the gateway's 502 while the server restarts: not retried by Prefect
-                        await events.__aexit__(None, None, None)
-                        events = None
-                        continue
-                    # A final state's event can come before reads show it: then read again soon.
-                    soon = event.resource.get("prefect.state-type") in FINAL
+                    else:
+                        try:
+                            event = await anext(events)
+                        except Exception:  # e.g. the gateway's 502 while the server restarts: not retried by Prefect
+                            await events.__aexit__(None, None, None)
+                            events = None
+                            continue
+                        # A final state's event can come before reads show it: then read again soon.
+                        soon = event.resource.get("prefect.state-type") in FINAL
         finally:
             if events is not None:
                 await events.__aexit__(None, None, None)

@@ -5,10 +5,10 @@ import inspect
 import os
 import resource
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import fsspec
 from prefect import flow, get_client
 from prefect.artifacts import create_markdown_artifact
 from prefect.flows import Flow
@@ -111,7 +111,11 @@ def step(fn: Callable[..., Output] | None = None, *, name: str | None = None) ->
             image = tag_run_with_image()
             ref, out = parameters.pop("data"), parameters.pop("out")
             confine(ref, out)
-            with open_verified(ref) as reader:
+            with ExitStack() as opened:
+                try:
+                    reader = opened.enter_context(open_verified(ref))
+                except FileNotFoundError:  # missing reads as every other refusal: no oracle
+                    raise RefusedReference(ref["uri"]) from None
                 data = Dataset(ref, reader)
                 try:
                     result = fn(data=data, **({"out": Out(out, data)} if wants_out else {}), **parameters)
@@ -156,15 +160,12 @@ def step(fn: Callable[..., Output] | None = None, *, name: str | None = None) ->
 
 
 def confine(ref: DataRef, out: str) -> None:
-    """A step reads only an existing object inside the store's runs/, and writes only inside the
-    directory of the main run that started it (run by hand: of the run its input belongs to).
-    Every refusal says the same, so none tells what exists outside."""
+    """A step reads only inside the store's runs/, and writes only inside the directory of the
+    main run that started it (run by hand: of the run its input belongs to). Every refusal says
+    the same, so none tells what exists outside."""
     uri = confined(str(ref.get("uri", "")), runs_root())
     owner = flow_run.parent_flow_run_id or run_id_of(uri)
     confined(out, RunLayout.of(owner).dir)
-    fs, path = fsspec.core.url_to_fs(uri)
-    if not fs.exists(path):
-        raise RefusedReference(uri)
 
 
 def usage() -> dict[str, Any]:

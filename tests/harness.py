@@ -277,11 +277,19 @@ class Stack:
             client_kwargs={"endpoint_url": self.s3_url},
         )  # fmt: skip
 
+    def on_volume(
+        self, name: str, command: str, *args: str, write_as: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess:
+        """`command` in a throwaway container with this stack's volume `name` at /`name`: read-only,
+        or writable as the user `write_as`."""
+        image = f"{self.project}/worker:{SETTINGS['PREFECT_VERSION']}"
+        mount = f"{self.project}_{name}:/{name}" + ("" if write_as else ":ro")
+        user = ("-u", write_as) if write_as else ()
+        return self.sh("docker", "run", "--rm", *user, "-v", mount, "--entrypoint", command, image, *args, check=check)
+
     def on_data_volume(self, command: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """`command` in a throwaway container with this stack's data volume at /data, read-only."""
-        image = f"{self.project}/worker:{SETTINGS['PREFECT_VERSION']}"
-        volume = f"{self.project}_data:/data:ro"
-        return self.sh("docker", "run", "--rm", "-v", volume, "--entrypoint", command, image, *args, check=check)
+        return self.on_volume("data", command, *args, check=check)
 
     def read_object(self, uri: str) -> bytes:
         """An object of the data store: the stack's data volume, or the S3 test endpoint."""

@@ -233,14 +233,12 @@ def test_a_registry_that_refuses_credentials_crashes_the_run_with_the_cause(stac
     """Workers read the registry's password from the stack's secrets for each pull."""
     image = stack.deployment("subflow/subflow").job_variables["image"]
     password = "/secrets/registry-password"
-    volume = ("docker", "run", "--rm", "-v", f"{stack.project}_secrets:/secrets", "--entrypoint", "sh")
-    worker_image = f"{stack.project}/worker:{SETTINGS['PREFECT_VERSION']}"
-    stack.sh(*volume, worker_image, "-c", f"echo wrong > {password}")
+    stack.on_volume("secrets", "sh", "-c", f"echo wrong > {password}", write_as="0")
     stack.sh("docker", "image", "rm", image, image.split("@")[0] + ":" + stack.deployment("subflow/subflow").version)
     try:
         run = stack.run("main-flow/main", steps=["subflow/subflow"])
     finally:
-        stack.sh(*volume, worker_image, "-c", f"echo '{stack.secret('registry-password')}' > {password}")
+        stack.on_volume("secrets", "sh", "-c", f"echo '{stack.secret('registry-password')}' > {password}", write_as="0")
     child = stack.child(run.id, "subflow")
     assert child.state.is_crashed() and "401" in child.state.message, child.state
     assert run.state.is_failed() and "ended Crashed" in run.state.message

@@ -58,11 +58,8 @@ def test_retention_removes_expired_run_data_results_and_variables(stack):
     variable = stack.output(new)["results"]["subflow/subflow"]["variable"]
     old = stack.layout(uuid.uuid4())  # a run the server no longer knows, with 8-day-old files
     old_dir, results = old.dir.removeprefix("file://"), f"{stack.data_url()}/results".removeprefix("file://")
-    stack.sh(
-        "docker", "run", "--rm", "-u", SETTINGS["FLOW_UID"], "-v", f"{stack.project}_data:/data", "--entrypoint", "sh",
-        f"{stack.project}/worker:{SETTINGS['PREFECT_VERSION']}", "-c",
-        f"mkdir -p {old_dir}/subflow && touch -d '8 days ago' {old_dir}/input.parquet {results}/expired",
-    )  # fmt: skip
+    aged = f"mkdir -p {old_dir}/subflow && touch -d '8 days ago' {old_dir}/input.parquet {results}/expired"
+    stack.on_volume("data", "sh", "-c", aged, write_as=SETTINGS["FLOW_UID"])
     with stack.api() as client:
         client.create_variable(
             VariableCreate(

@@ -6,8 +6,9 @@ runs it on `up`.
 Each pool (of this platform's worker type, worker/pipeline_worker.py) gets the base job template,
 with ${VAR} filled in from the environment (entries that come out empty are dropped, e.g. the
 stack network on a remote host), and its concurrency limit. With --blocks, it first saves the
-blocks that the template and prefect.yaml refer to (the result storage, in the data store, and the
-registry's credentials) and pools/automations.json. Idempotent: every `up` reapplies .env.
+blocks that the template and prefect.yaml refer to (the result storage, in the data store, and,
+for `prefect deploy`'s push, the registry's credentials) and pools/automations.json.
+Idempotent: every `up` reapplies .env.
 """
 
 import argparse
@@ -16,29 +17,19 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline_worker import RESULTS_BLOCK, PolicyDockerWorker, render, results_block
+from pipeline_worker import RESULTS_BLOCK, PolicyDockerWorker, render, results_block, results_storage
 from prefect import get_client
 from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
 from prefect.events.schemas.automations import AutomationCore
 from prefect.exceptions import ObjectAlreadyExists
-from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from prefect_docker.credentials import DockerRegistryCredentials
 
 REGISTRY_BLOCK = "pipeline-registry"
 SECRETS = Path("/secrets")
 
 
-def results_storage() -> LocalFileSystem | RemoteFileSystem:
-    """Where Prefect persists results: `results/` in the data store, through Prefect's fsspec
-    file systems (its local one for file://, its remote one for s3:// and the like)."""
-    url = f"{os.environ['PIPELINE_DATA_URL'].rstrip('/')}/results"
-    if url.startswith("file://"):
-        return LocalFileSystem(basepath=url.removeprefix("file://"))
-    return RemoteFileSystem(basepath=url)
-
-
 def save_blocks() -> None:
-    results_storage().save(RESULTS_BLOCK, overwrite=True)
+    results_storage(os.environ["PIPELINE_DATA_URL"]).save(RESULTS_BLOCK, overwrite=True)
     user = (SECRETS / "registry-htpasswd").read_text().split(":", 1)[0]
     DockerRegistryCredentials(
         username=user,

@@ -49,9 +49,9 @@ def registry_tags(repository: str) -> dict[str, tuple[str, str]]:
         response.raise_for_status()
         created = {}
         for tag in response.json().get("tags") or []:
-            response = registry.get(f"/manifests/{tag}", headers={"Accept": MANIFEST})
-            config = registry.get(f"/blobs/{response.json()['config']['digest']}").json()
-            created[tag] = (config.get("created", ""), response.headers["Docker-Content-Digest"])
+            manifest = registry.get(f"/manifests/{tag}", headers={"Accept": MANIFEST})
+            config = registry.get(f"/blobs/{manifest.json()['config']['digest']}").json()
+            created[tag] = (config.get("created", ""), manifest.headers["Docker-Content-Digest"])
     return dict(sorted(created.items(), key=lambda item: item[1][0], reverse=True))
 
 

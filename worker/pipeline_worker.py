@@ -17,6 +17,7 @@ import string
 from pathlib import Path
 from typing import Any
 
+from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from prefect_docker.credentials import DockerRegistryCredentials
 from prefect_docker.worker import DockerWorker, DockerWorkerJobConfiguration
 
@@ -52,10 +53,18 @@ def render(template: Any, env: dict[str, str] | None = None) -> Any:
     return template
 
 
+def results_storage(store_url: str) -> LocalFileSystem | RemoteFileSystem:
+    """Where Prefect persists results: `results/` in the data store, through Prefect's fsspec
+    file systems (its local one for file://, its remote one for s3:// and the like)."""
+    url = f"{store_url.rstrip('/')}/results"
+    if url.startswith("file://"):
+        return LocalFileSystem(basepath=url.removeprefix("file://"))
+    return RemoteFileSystem(basepath=url)
+
+
 def results_block(store_url: str) -> str:
     """The slug of the result storage block tools/setup.py saves for this store."""
-    kind = "local-file-system" if store_url.startswith("file://") else "remote-file-system"
-    return f"{kind}/{RESULTS_BLOCK}"
+    return f"{results_storage(store_url).get_block_type_slug()}/{RESULTS_BLOCK}"
 
 
 def memory_bytes(value: Any) -> int:
