@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CLI := docker compose run --rm cli
 
-.PHONY: pipeline up deploy run output versions rollback replay retention component \
+.PHONY: pipeline up deploy run output versions rollback replay resume retention component \
 	test test-unit lint lock bench down clean
 
 pipeline: up deploy run  ## Stack up, deploy every component, run the pipeline once
@@ -30,6 +30,9 @@ rollback:  ## make rollback C=subflow TAG=<tag from make versions>
 replay:  ## make replay RUN=<main run id>: the same input, the same component images
 	$(CLI) python tools/replay.py $(RUN) --watch
 
+resume:  ## make resume RUN=<main run id>: run it again, reusing every step it completed
+	$(CLI) prefect deployment run main-flow/main --param resume_from=$(RUN) --watch
+
 retention:  ## make retention DAYS=30
 	$(CLI) prefect deployment run retention/retention --param days=$(DAYS) --watch
 
@@ -42,7 +45,7 @@ $(BIN)/pytest: requirements-dev.lock
 	touch $@
 
 test: lint test-unit  ## Lint, unit tests, then the e2e tests on a stack of their own
-	$(BIN)/pytest -m e2e
+	$(BIN)/pytest -m e2e --durations=20
 
 test-unit: $(BIN)/pytest  ## Everything but the Docker tests, in seconds
 	$(BIN)/pytest -m "not e2e"

@@ -10,6 +10,8 @@ components on process workers (bench/compose.baseline.yml, bench/prefect.yaml). 
   floor       per component image: `docker run IMAGE true`, and a fresh container importing
               prefect.engine and the component's module (its heavy imports); the pipeline's floor
               is the three serial hops' sum
+  cached      trigger to completed of a fully cached pipeline run (no step container), against
+              the main flow's own floor
   latency     trigger to completed of one pipeline run and its hops, designs alternating run by
               run; ratios to the floor and to the process baseline; with --before REF, also
               the main flow as of git REF, for a before/after in one run (latency, cpu, throughput)
@@ -211,6 +213,24 @@ def latency(runs: int, designs: dict[str, str] = DESIGNS) -> dict[str, Any]:
     return {design: {k: spread([s[k] for s in runs_]) for k in runs_[0]} for design, runs_ in samples.items()}
 
 
+def cached(runs: int) -> dict[str, Any]:
+    """Trigger to completed of a pipeline run whose every step is reused from the cache."""
+    BENCH.run(DESIGNS["docker"], refresh=[])  # after latency's runs, a no-op but for a cold cache
+    samples = []
+    for _ in range(runs):
+        run = BENCH.run(DESIGNS["docker"], refresh=[])
+        assert correct(run) and not BENCH.children(run.id) and len(BENCH.output(run)["cached"]) == 3, run.state
+        with BENCH.api() as client:
+            seen = timestamps(client, run.id)
+        samples.append(
+            {
+                "trigger to completed": seen["COMPLETED"] - seen["SCHEDULED"],
+                "main: running to completed": seen["COMPLETED"] - seen["RUNNING"],
+            }
+        )
+    return {key: spread([s[key] for s in samples]) for key in samples[0]}
+
+
 # --- CPU -----------------------------------------------------------------------------------------
 
 
@@ -404,6 +424,17 @@ def report(results: dict[str, Any]) -> str:
             total = lat["docker"]["trigger to completed"]["median"]
             lines.append(f"| trigger to completed / floor | {total / floor_s:.2f} | | |")
         lines.append("")
+    if "cached" in results:
+        ca, fl = results["cached"], results.get("floor", {}).get("main_flow", {}).get("start+imports")
+        uncached = results.get("latency", {}).get("docker", {}).get("trigger to completed")
+        lines += ["| fully cached run (s) | docker |", "| --- | --- |"]
+        lines += [f"| {key} | {fmt(value)} |" for key, value in ca.items()]
+        if uncached:
+            lines.append(f"| uncached: trigger to completed | {fmt(uncached)} |")
+        if fl:
+            lines.append(f"| main flow floor (run + imports) | {fmt(fl)} |")
+            lines.append(f"| cached above the floor | {ca['trigger to completed']['median'] - fl['median']:.2f} |")
+        lines.append("")
     if "before" in results.get("latency", {}):
         lat, ref = results["latency"], results["args"].get("before")
         lines += [f"| figure (s) | before ({ref}) | docker | docker/before |", "| --- | --- | --- | --- |"]
@@ -506,7 +537,7 @@ def chart(sizes_: dict[str, Any], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-STAGES = ["floor", "latency", "cpu", "polling", "sizes", "throughput", "redeploy"]
+STAGES = ["floor", "latency", "cached", "cpu", "polling", "sizes", "throughput", "redeploy"]
 
 
 def main() -> None:
@@ -539,6 +570,7 @@ def main() -> None:
         stages = [
             ("floor", lambda: floor(max(args.runs, 3))),
             ("latency", lambda: latency(args.runs, {**DESIGNS, **BEFORE})),
+            ("cached", lambda: cached(args.runs)),
             ("cpu", lambda: cpu(args.runs, idle_s=5 if args.smoke else 30)),
             ("polling", lambda: polling(args.runs, args.intervals, idle_s=5 if args.smoke else 30)),
             ("sizes", lambda: sizes(args.rows, args.size_runs)),

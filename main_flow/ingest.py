@@ -1,6 +1,7 @@
 """Ingest: a CSV source (an http(s) URL or a file shipped in main_flow/data/) streamed into the
 store as Parquet, validated on the way, never held in memory."""
 
+import hashlib
 import io
 import ipaddress
 import socket
@@ -85,6 +86,25 @@ def ingest(source: str, uri: str, settings: Settings, max_bytes: int, timeout_s:
         except BotoConnectionError as exc:
             raise StoreUnavailable(f"cannot reach the data store to write {uri}: {exc}") from exc
     return DataRef(wire=WIRE, uri=uri, rows=rows, columns=columns, bytes=sink.bytes, sha256=sink.sha256.hexdigest())
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=transient)
+def identity(source: str, settings: Settings, timeout_s: float) -> dict[str, Any] | None:
+    """What identifies the source's bytes, cheaply, for the cache: an http(s) URL's validators
+    (ETag, Last-Modified) and size as its server sends them, or None if it sends neither; a
+    file's sha256."""
+    if "://" in source:
+        with open_url(source, settings, time.monotonic() + timeout_s) as response:  # headers only
+            headers = response.headers
+        validators = {name: headers[name] for name in ("etag", "last-modified") if name in headers}
+        if not validators or "content-length" not in headers:
+            return None
+        return {"url": source, **validators, "bytes": int(headers["content-length"])}
+    digest = hashlib.sha256()
+    with source_path(source, settings).open("rb") as file:
+        for chunk in iter(lambda: file.read(CHUNK), b""):
+            digest.update(chunk)
+    return {"file": source, "sha256": digest.hexdigest()}
 
 
 def describe(exc: pa.ArrowInvalid) -> str:

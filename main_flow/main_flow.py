@@ -1,19 +1,26 @@
 """Main flow: load a CSV into the data store as Parquet, run the pipeline's steps on it by
-reference, and store the pipeline output next to it."""
+reference, and store the pipeline output next to it. Unchanged work is reused (main_flow/cache.py)."""
 
 import json
 from typing import Annotated, Any
+from uuid import UUID
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_client, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from pydantic import Field
 
 # Package imports: Prefect loads this file as module `main_flow` with this directory on its path.
-from main_flow.ingest import Settings, ingest
-from main_flow.steps import registered_steps, run_steps, step_groups
+from main_flow import cache
+from main_flow.ingest import Settings, identity, ingest
+from main_flow.steps import registered_steps, run_steps, step_groups, uncached
 from stepkit import DataRef, RunLayout, StepName, Steps, atomic_write, redact, tag_run_with_image, usage, verify
 from stepkit.layout import confined, runs_root
+
+# What determines a run's results: what `resume_from` takes from the run it resumes. Limits and
+# timeouts come from the resuming call, so a run that timed out can be resumed with more time.
+RESUMED = ("source", "steps", "data", "images", "max_columns")
 
 
 @flow(name="main-flow")
@@ -22,27 +29,46 @@ def main_flow(
     steps: Steps | None = None,
     data: DataRef | None = None,
     images: dict[StepName, str] | None = None,
+    refresh: cache.Refresh = [],  # noqa: B006 (Prefect validates a copy of every parameter)
+    resume_from: UUID | None = None,
     max_bytes: Annotated[int, Field(ge=1)] = 4 << 30,
     max_columns: Annotated[int, Field(ge=1)] = 1000,
     fetch_timeout_s: Annotated[float, Field(ge=1)] = 1800.0,
     step_timeout_s: Annotated[float, Field(ge=1)] = 1800.0,
 ) -> dict[str, Any]:
     """Load `source` into the store and run `steps` (by default the pipeline's, as last deployed)
-    on it; `data` and `images` replay a past run."""
+    on it, reusing cached steps unless in `refresh`; `data` and `images` replay a past run;
+    `resume_from` runs a past run's parameters again, reusing what it completed."""
     image = tag_run_with_image()
+    if resume_from is not None:
+        past = resumed(resume_from)
+        source, steps, data = past.get("source", source), past.get("steps", steps), past.get("data", data)
+        images, max_columns = past.get("images", images), past.get("max_columns", max_columns)
     registry = image.split("/", 1)[0]
     if foreign := sorted(i for i in (images or {}).values() if not i.startswith(f"{registry}/")):
         raise ValueError(f"images {foreign} are not of this platform's registry {registry}")
     steps = steps if steps is not None else registered_steps()
     groups = step_groups(steps)
     layout = RunLayout.of(flow_run.id)
+    policy = cache.Policy(str(flow_run.id), refresh, uncached(steps), str(resume_from) if resume_from else None)
+    cached: dict[str, str] = {}
     if data is None:
-        data = ingest(source, layout.input, Settings(), max_bytes, fetch_timeout_s, max_columns)
+        found = identity(source, Settings(), fetch_timeout_s)
+        key = cache.key(cache.INGEST, image, {"source": found, "max_columns": max_columns}, []) if found else None
+        if entry := policy.lookup(cache.INGEST, key):
+            data, cached[cache.INGEST] = entry["result"]["output"], entry["run"]
+        else:
+            data = ingest(source, layout.input, Settings(), max_bytes, fetch_timeout_s, max_columns)
+            policy.record(cache.INGEST, key, {"output": data})
     else:
         confined(data["uri"], runs_root())  # a replay reads only what a run stored
         verify(data)  # a replay: fail here, before any step runs, if the input is gone
-    get_run_logger().info("input: %d rows, %d bytes at %s", data["rows"], data["bytes"], data["uri"])
-    results = run_steps(groups, data, layout, images or {}, step_timeout_s)
+    get_run_logger().info(
+        "input: %d rows, %d bytes at %s%s", data["rows"], data["bytes"], data["uri"],
+        f" (cached from run {cached[cache.INGEST]})" if cached else "",
+    )  # fmt: skip
+    results = run_steps(groups, data, layout, images or {}, step_timeout_s, policy)
+    cached |= {name: result["cached_from"] for name, result in results.items() if "cached_from" in result}
     output = {
         "main_flow_run_id": str(flow_run.id),
         "main_image": image,
@@ -50,14 +76,35 @@ def main_flow(
         "steps": steps,
         "input": data,
         "results": results,
+        "cached": cached,
         "output_uri": layout.output,
         **usage(),
     }
     with atomic_write(layout.output) as file:
         file.write(json.dumps(output, indent=2).encode())
+    reports = [
+        f"*{name}: cached from run {r['cached_from']}*\n\n{r['report']}" if "cached_from" in r else r["report"]
+        for name, r in results.items()
+    ]
     create_markdown_artifact(
         key="pipeline-output",
-        markdown="\n\n".join([f"Output: `{layout.output}`"] + [r["report"] for r in results.values()]),
+        markdown="\n\n".join([f"Output: `{layout.output}`"] + reports),
         description=f"Pipeline output for {redact(source)}",
     )
     return output
+
+
+def resumed(run_id: UUID) -> dict[str, Any]:
+    """The parameters of the ended main run `run_id` that determine its results (RESUMED)."""
+    with get_client(sync_client=True) as client:
+        try:
+            past = client.read_flow_run(run_id)
+        except ObjectNotFound:
+            raise ValueError(f"resume_from {run_id}: no such flow run") from None
+        if past.flow_id != client.read_flow_run(flow_run.id).flow_id:
+            raise ValueError(f"resume_from {run_id}: run {past.name!r} is not a main-flow run")
+    if past.state is None or not past.state.is_final():
+        state = past.state.name if past.state else "not started"
+        raise ValueError(f"resume_from {run_id}: run {past.name!r} is still {state}; resume a run that has ended")
+    get_run_logger().info("resuming run %s (%s, %s)", past.name, run_id, past.state.name)
+    return {name: past.parameters[name] for name in RESUMED if name in past.parameters}

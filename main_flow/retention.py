@@ -1,10 +1,11 @@
 """Retention: remove the stored data, Prefect's persisted results and the per-run Variables of
-pipeline runs older than N days.
+pipeline runs older than N days, and the cache entries that point into removed runs.
 
 It walks the kit's run layout (stepkit/layout.py) and ships in the main flow's image; it runs
 daily on a schedule (prefect.yaml) and on demand (`make retention DAYS=7`).
 """
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 from uuid import UUID
@@ -16,7 +17,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from stepkit.layout import results_root, run_id_of, runs_root
+from stepkit.layout import cache_root, results_root, run_id_of, runs_root
 
 PAGE = 200  # the server's default and largest page
 
@@ -25,8 +26,9 @@ PAGE = 200  # the server's default and largest page
 @flow(name="retention", persist_result=False)
 def retention(days: Annotated[float, Field(ge=1)] = 30) -> dict[str, int]:
     """Delete runs/<id>/ of final main runs created `days` before this run's scheduled time, or
-    earlier, with their subflow Variables, any other subflow Variable as old, and results/ written
-    before. A run still in flight keeps its directory, however old."""
+    earlier, with their subflow Variables, any other subflow Variable as old, results/ written
+    before, and the cache entries of runs no longer stored. A run still in flight keeps its
+    directory, however old."""
     cutoff = flow_run.scheduled_start_time - timedelta(days=days)
     fs, runs = fsspec.core.url_to_fs(runs_root())
     _, results = fsspec.core.url_to_fs(results_root())
@@ -43,9 +45,31 @@ def retention(days: Annotated[float, Field(ge=1)] = 30) -> dict[str, int]:
     old = [path for path, info in fs.find(results, detail=True).items() if modified(info) < cutoff]
     if old:
         fs.rm(old)
-    removed = {"runs": len(expired), "variables": len(variables), "results": len(old)}
-    get_run_logger().info("removed %(runs)d run directories, %(variables)d Variables and %(results)d results", removed)
+    entries = orphaned_entries(fs, runs)
+    if entries:
+        fs.rm(entries)
+    removed = {"runs": len(expired), "variables": len(variables), "results": len(old), "cache entries": len(entries)}
+    get_run_logger().info(
+        "removed %(runs)d run directories, %(variables)d Variables, %(results)d results "
+        "and %(cache entries)d cache entries", removed,
+    )  # fmt: skip
     return removed
+
+
+def orphaned_entries(fs: fsspec.AbstractFileSystem, runs: str) -> list[str]:
+    """The cache entries whose run directory is gone (their outputs are gone with it), or unreadable."""
+    _, entries = fsspec.core.url_to_fs(cache_root())
+    stored = {path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(runs, detail=False)} if fs.exists(runs) else set()
+    orphaned = []
+    for path in fs.find(entries):
+        try:
+            with fs.open(path, "rb") as file:
+                run = json.loads(file.read()).get("run")
+        except ValueError:
+            run = None
+        if run not in stored:
+            orphaned.append(path)
+    return orphaned
 
 
 def modified(info: dict[str, Any]) -> datetime:

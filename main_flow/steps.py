@@ -1,5 +1,6 @@
 """Step orchestration: each step a child flow run of its deployment, started with
-run_deployment() on a reference, waited for on the server's event stream, its result checked."""
+run_deployment() on a reference, waited for on the server's event stream, its result checked;
+or, when its cache key is unchanged, an earlier run's result reused (main_flow/cache.py)."""
 
 import asyncio
 import time
@@ -17,7 +18,8 @@ from prefect.states import Cancelled, Cancelling
 from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.variables import Variable
 
-from stepkit import PIPELINE_STEPS, STEP_RESULT, DataRef, RunLayout, Steps, WireMismatch, check_wire
+from main_flow import cache
+from stepkit import PIPELINE_STEPS, STEP_RESULT, DataRef, RunLayout, Step, Steps, WireMismatch, check_wire
 
 SAFETY_READ_S = 5.0  # reads of the steps' runs besides the event stream, should an event be lost
 FINAL = {state.value for state in TERMINAL_STATES}  # as events label them
@@ -39,14 +41,24 @@ def registered_steps() -> Steps:
     return steps
 
 
-def step_groups(steps: list[str | list[str]]) -> list[list[str]]:
-    """The steps as groups that run one after another; refuse a step listed twice."""
-    groups = [step if isinstance(step, list) else [step] for step in steps]
+def step_groups(steps: Steps) -> list[list[str]]:
+    """The steps' names as groups that run one after another; refuse a step listed twice."""
+    groups = [[name_of(s) for s in step] if isinstance(step, list) else [name_of(step)] for step in steps]
     names = [name for group in groups for name in group]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated or any(not group for group in groups):
         raise ValueError(f"invalid steps {steps}: each step once, no empty groups (repeated: {repeated})")
     return groups
+
+
+def name_of(step: Step) -> str:
+    return step["step"] if isinstance(step, dict) else step
+
+
+def uncached(steps: Steps) -> frozenset[str]:
+    """The steps declared with `cache: false`."""
+    flat = [s for step in steps for s in (step if isinstance(step, list) else [step])]
+    return frozenset(s["step"] for s in flat if isinstance(s, dict) and s.get("cache") is False)
 
 
 def run_group(
@@ -55,10 +67,15 @@ def run_group(
     layout: RunLayout,
     images: dict[str, str],
     timeout_s: float,
+    policy: cache.Policy,
 ) -> dict[str, dict[str, Any]]:
-    """Run the steps of a group at once on `data`; their results by deployment name."""
-    started = {name: start_step(name, data, layout.step(name), images.get(name)) for name in group}
-    finished = wait_for_runs(started, timeout_s)
+    """Run the steps of a group at once on `data`, reusing cached results; results by deployment name."""
+    keys = {name: step_key(name, data, images.get(name)) for name in group}
+    hits = {name: entry for name in group if (entry := policy.lookup(name, keys[name]))}
+    for name, entry in hits.items():
+        get_run_logger().info("step %s: cached from run %s, not started", name, entry["run"])
+    started = {name: start_step(name, data, layout.step(name), images.get(name)) for name in group if name not in hits}
+    finished = wait_for_runs(started, timeout_s) if started else {}
     failed = [
         f"step {name} (run {run.name!r}) ended {run.state.name}: {run.state.message}"
         for name, run in finished.items()
@@ -66,22 +83,35 @@ def run_group(
     ]
     if failed:
         raise PipelineError("; ".join(failed))
-    return {name: step_result(name, run) for name, run in finished.items()}
+    results = {name: step_result(name, run) for name, run in finished.items()}
+    for name, result in results.items():
+        policy.record(name, keys[name], result)
+    reused = {name: {**entry["result"], "cached_from": entry["run"]} for name, entry in hits.items()}
+    return {name: reused.get(name) or results[name] for name in group}
+
+
+def step_key(name: str, data: DataRef, image: str | None) -> str | None:
+    """The cache key of step `name` on `data`: its image digest (`image` pins one: a replay) and
+    its deployment's parameters, as the server has them now."""
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(name)
+        except ObjectNotFound as exc:
+            raise PipelineError(
+                f"deployment {name!r} not found: register it with `prefect deploy --name {name.split('/')[1]}`"
+            ) from exc
+    image = image or deployment.job_variables.get("image", "")
+    return cache.key(name, image, deployment.parameters, [data["sha256"]])
 
 
 def start_step(name: str, data: DataRef, out: str, image: str | None) -> FlowRun:
     """Create the child run of one step; `image` pins its image (a replay)."""
-    try:
-        return run_deployment(
-            name,
-            parameters={"data": data, "out": out},
-            timeout=0,  # return at once: wait_for_runs waits for the whole group
-            job_variables={"image": image} if image else None,
-        )
-    except ObjectNotFound as exc:
-        raise PipelineError(
-            f"deployment {name!r} not found: register it with `prefect deploy --name {name.split('/')[1]}`"
-        ) from exc
+    return run_deployment(
+        name,
+        parameters={"data": data, "out": out},
+        timeout=0,  # return at once: wait_for_runs waits for the whole group
+        job_variables={"image": image} if image else None,
+    )
 
 
 def wait_for_runs(runs: dict[str, FlowRun], timeout_s: float) -> dict[str, FlowRun]:
@@ -176,12 +206,17 @@ def step_result(name: str, run: FlowRun) -> dict[str, Any]:
 
 
 def run_steps(
-    groups: list[list[str]], data: DataRef, layout: RunLayout, images: dict[str, str], timeout_s: float
+    groups: list[list[str]],
+    data: DataRef,
+    layout: RunLayout,
+    images: dict[str, str],
+    timeout_s: float,
+    policy: cache.Policy,
 ) -> dict[str, dict[str, Any]]:
     """Run the groups one after another, each on the previous group's first output."""
     results: dict[str, dict[str, Any]] = {}
     for group in groups:
-        done = run_group(group, data, layout, images, timeout_s)
+        done = run_group(group, data, layout, images, timeout_s, policy)
         results.update(done)
         data = done[group[0]]["output"]  # after a parallel group, its first step's output
     return results

@@ -294,3 +294,17 @@ def test_a_failed_upload_leaves_no_object(s3_env, data_dir):
         limits = {"max_bytes": 1 << 30, "timeout_s": 60, "max_columns": 1000}
         component.ingest.fn("ragged.csv", uri, settings(source_dir=data_dir), **limits)
     assert not s3_env.exists(uri)
+
+
+def test_the_source_identity_is_cheap_and_follows_the_bytes(http_server, data_dir, tmp_path):
+    url = f"{http_server}/iris.csv"
+    first = component.identity.fn(url, LOOPBACK, 10)
+    assert first["url"] == url and first["bytes"] == IRIS.stat().st_size and "last-modified" in first
+    (tmp_path / "iris.csv").write_bytes(IRIS.read_bytes() + b"5.0,3.0,1.0,0.2,setosa\n")
+    assert component.identity.fn(url, LOOPBACK, 10) != first
+    (data_dir / "a.csv").write_text("a\n1\n")
+    config = settings(source_dir=data_dir)
+    digest = hashlib.sha256(b"a\n1\n").hexdigest()
+    assert component.identity.fn("a.csv", config, 10) == {"file": "a.csv", "sha256": digest}
+    with pytest.raises(ValueError, match="non-public address"):
+        component.identity.fn(url, settings(), 10)  # the source's checks come first

@@ -12,7 +12,9 @@ from stepkit.contract import (
     STEP_RESULT,
     WIRE,
     DataRef,
+    Step,
     StepName,
+    StepOptions,
     StepResult,
     Steps,
     WireMismatch,
@@ -22,10 +24,10 @@ from stepkit.layout import RefusedReference, RunLayout, redact
 from stepkit.step import Dataset, Out, Output, StepFailed, batches, step, tag_run_with_image, usage
 from stepkit.store import atomic_write, verify, write_parquet
 
-__version__ = "1.1.0"  # see README, "The step kit": which changes need every component redeployed
+__version__ = "1.2.0"  # see README, "The step kit": which changes need every component redeployed
 
 __all__ = [
     "PIPELINE_STEPS", "STEP_RESULT", "WIRE", "DataRef", "Dataset", "Out", "Output", "RefusedReference", "RunLayout",
-    "StepFailed", "StepName", "StepResult", "Steps", "WireMismatch", "atomic_write", "check_wire",
-    "batches", "redact", "step", "tag_run_with_image", "usage", "verify", "write_parquet",
+    "StepFailed", "Step", "StepName", "StepOptions", "StepResult", "Steps", "WireMismatch", "atomic_write",
+    "check_wire", "batches", "redact", "step", "tag_run_with_image", "usage", "verify", "write_parquet",
 ]  # fmt: skip

@@ -1,8 +1,8 @@
 """What travels between components: a reference to a stored object, and a step's result."""
 
-from typing import Annotated, Any
+from typing import Annotated, Any, NotRequired
 
-from pydantic import Field
+from pydantic import ConfigDict, Field, with_config
 from typing_extensions import TypedDict  # pydantic needs it for parameters on Python 3.11
 
 # The wire format of DataRef and StepResult. Bump it only for a change that a component built
@@ -12,7 +12,18 @@ WIRE = 1
 # A step is its deployment's full name, `flow/deployment`: what run_deployment() takes. A
 # pipeline is a list of steps run one after another; a list inside runs its steps at once.
 StepName = Annotated[str, Field(pattern=r"^[\w.-]+/[\w.-]+$")]
-Steps = list[StepName | list[StepName]]
+
+
+@with_config(ConfigDict(extra="forbid"))  # a misspelt option is an error, not a silent default
+class StepOptions(TypedDict):
+    """A step with options, e.g. `{step: subflow/subflow, cache: false}`."""
+
+    step: StepName
+    cache: NotRequired[bool]  # reuse an earlier run's result when the step's key is unchanged (default true)
+
+
+Step = StepName | StepOptions
+Steps = list[Step | list[Step]]
 # The Prefect Variable that holds the pipeline's steps as last deployed (tools/pipeline.py).
 PIPELINE_STEPS = "pipeline-steps"
 

@@ -4,6 +4,7 @@
 <store>/runs/<main run id>/<step>/...      each step's own outputs (<step>: its deployment name)
 <store>/runs/<main run id>/output.json     the pipeline output
 <store>/results/                           Prefect's persisted results
+<store>/cache/<key>.json                   the step cache's entries (main_flow/cache.py)
 """
 
 import os
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 RUNS = "runs"
 RESULTS = "results"
+CACHE = "cache"
 
 
 def store_url() -> str:
@@ -55,6 +57,10 @@ def runs_root(store: str | None = None) -> str:
 
 def results_root(store: str | None = None) -> str:
     return f"{(store or store_url()).rstrip('/')}/{RESULTS}"
+
+
+def cache_root(store: str | None = None) -> str:
+    return f"{(store or store_url()).rstrip('/')}/{CACHE}"
 
 
 class RefusedReference(ValueError):

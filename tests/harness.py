@@ -228,9 +228,13 @@ class Stack:
             return client.read_deployment_by_name(name)
 
     def start(self, deployment: str, job_variables: dict[str, Any] | None = None, **parameters: Any) -> FlowRun:
-        """Create a run of a deployment, as a scheduler, the UI or the CLI would."""
+        """Create a run of a deployment, as a scheduler, the UI or the CLI would. A main-flow run
+        computes every step (refresh="all") unless told otherwise: only the cache's own tests
+        and figures reuse results."""
         with self.api() as client:
             found = client.read_deployment_by_name(deployment)
+            if "refresh" in found.parameter_openapi_schema.get("properties", {}):
+                parameters.setdefault("refresh", "all")
             return client.create_flow_run_from_deployment(found.id, parameters=parameters, job_variables=job_variables)
 
     def run(self, deployment: str, timeout: float = 600, **parameters: Any) -> FlowRun:

@@ -31,4 +31,6 @@ def test_benchmark_smoke(stack, tmp_path):
         assert results["polling"]["1.0"][design]["n"] == 1
     assert all(sample["correct"] for store in results["sizes"].values() for s in store.values() for sample in s)
     assert results["redeploy"]["n"] == 1
-    assert "| trigger to completed |" in proc.stdout and chart.stat().st_size > 10_000
+    assert results["cached"]["trigger to completed"]["n"] == 1  # the stage asserts its run reused every step
+    assert "| trigger to completed |" in proc.stdout and "| cached above the floor |" in proc.stdout
+    assert chart.stat().st_size > 10_000

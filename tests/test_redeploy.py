@@ -1,5 +1,5 @@
-"""Independent components on real Docker: redeploy one, in flight, roll back and replay with the
-README's make commands as written. (Adding one: tests/test_readme.py.)
+"""Independent components on real Docker: redeploy one, in flight, roll back, replay and resume
+with the README's make commands as written. (Adding one: tests/test_readme.py.)
 
 Changed components are deployed from a copy of the project, so the repository stays untouched;
 `restore` redeploys the repository's own subflow afterwards.
@@ -16,6 +16,7 @@ pytestmark = pytest.mark.e2e
 HEADING = '    heading = f"### {data'
 # The README's blocks, run as written: deploy one or all, then versions, rollback, replay.
 (DEPLOY_ONE, DEPLOY_ALL), (VERSIONS, ROLLBACK, REPLAY) = readme_blocks("## Redeploying, rolling back, replaying")
+(RESUME,) = [line for block in readme_blocks("## Caching and resume") for line in block if "make resume" in line]
 
 
 def changed_subflow(directory: Path, marker: str) -> Path:
@@ -76,7 +77,30 @@ def test_redeploy_one_component_leaves_the_others_alone(stack, restore, tmp_path
     assert not kit_has(stack, output["main_image"], "# kit change v2")
 
 
+def test_resume_after_a_fix_runs_only_the_failed_step(stack, restore, tmp_path):
+    """A bug in the last step fails the run; a one-line fix, `prefect deploy --name subflow` and
+    `make resume` reuse the failed run's ingest and validate, and run only the fixed subflow."""
+    broken = project_copy(tmp_path / "broken")
+    code = broken / "subflow" / "subflow.py"
+    code.write_text(code.read_text().replace(HEADING, f'    raise RuntimeError("a bug")\n{HEADING}'))
+    stack.deploy("subflow", cwd=broken)
+    failed = stack.run("main-flow/main", refresh=["ingest", "validate/validate"])  # computed here
+    assert failed.state.is_failed() and "a bug" in failed.state.message, failed.state
+
+    stack.shell(DEPLOY_ONE, cwd=changed_subflow(tmp_path / "fixed", "fixed"))
+    printed = stack.shell(fill(RESUME, main_run_id=str(failed.id)))
+    run = stack.read_run(printed.split("UUID: ", 1)[1].split()[0])
+    assert run.state.is_completed(), run.state
+    output = stack.output(run)
+    assert output["cached"] == {"ingest": str(failed.id), "validate/validate": str(failed.id)}
+    assert {stack.flow_name(child) for child in stack.children(run.id)} == {"subflow"}
+    subflow = output["results"]["subflow/subflow"]
+    assert subflow["image"] == stack.deployment("subflow/subflow").job_variables["image"]
+    assert subflow["report"].startswith("### fixed 150 rows")
+
+
 def test_an_unchanged_deploy_builds_and_pushes_nothing(stack, capsys):
+
     names = ("main-flow/main", "validate/validate", "subflow/subflow")
     images = {name: stack.deployment(name).job_variables["image"] for name in names}
     ids = {name: image_id(stack, image) for name, image in images.items()}

@@ -58,7 +58,11 @@ def test_retention_removes_expired_run_data_results_and_variables(stack):
     variable = stack.output(new)["results"]["subflow/subflow"]["variable"]
     old = stack.layout(uuid.uuid4())  # a run the server no longer knows, with 8-day-old files
     old_dir, results = old.dir.removeprefix("file://"), f"{stack.data_url()}/results".removeprefix("file://")
-    aged = f"mkdir -p {old_dir}/subflow && touch -d '8 days ago' {old_dir}/input.parquet {results}/expired"
+    cache = f"{stack.data_url()}/cache"
+    aged = (
+        f"mkdir -p {old_dir}/subflow && touch -d '8 days ago' {old_dir}/input.parquet {results}/expired && "
+        f"""echo '{{"run": "{old.run_id}"}}' > {cache.removeprefix("file://")}/expired.json"""
+    )
     stack.on_volume("data", "sh", "-c", aged, write_as=SETTINGS["FLOW_UID"])
     with stack.api() as client:
         client.create_variable(
@@ -74,6 +78,10 @@ def test_retention_removes_expired_run_data_results_and_variables(stack):
     assert "Completed" in stack.shell(command)  # DAYS=7, as written
     assert not stack.exists(old.dir) and stack.exists(stack.layout(new.id).output)
     assert set(stack.written(f"{stack.data_url()}/results")) == kept
+    # The cache entries of the removed run go with it; those of the run kept stay.
+    assert not stack.exists(f"{cache}/expired.json")
+    kept_entries = stack.on_data_volume("grep", "-rlF", f'"run": "{new.id}"', cache.removeprefix("file://"))
+    assert len(kept_entries.stdout.split()) == 3  # ingest, validate, subflow
     with stack.api() as client:
         assert client.read_variable_by_name(f"subflow-output-{old.run_id}") is None
         assert client.read_variable_by_name(variable) is not None
