@@ -4,11 +4,12 @@ both end correct. (Resume after a fix and redeploy: tests/test_redeploy.py.)"""
 
 import pytest
 from harness import SETTINGS, expected_summary, iris_like, write_csv
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
 pytestmark = pytest.mark.e2e
 
 STEPS = ("validate/validate", "subflow/subflow")
+KEY = "pipeline-output"  # the main flow's artifact
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_an_unchanged_run_starts_no_step_and_gives_the_same_output(stack, source
         assert reused["results"][name]["cached_from"] == str(run.id)
     assert_correct(reused, source[1])
     with stack.api() as client:  # the UI shows it on the run's artifact
-        of_run = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[again.id]))
+        of_run = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[again.id]), key=ArtifactFilterKey(any_=[KEY]))
         (artifact,) = client.read_artifacts(artifact_filter=of_run)
     assert f"subflow/subflow: cached from run {run.id}" in artifact.data
 

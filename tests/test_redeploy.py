@@ -46,11 +46,20 @@ def kit_has(stack, image: str, marker: str) -> bool:
     return stack.sh("docker", "run", "--rm", "--entrypoint", "python", image, "-c", probe).stdout.strip() == "True"
 
 
-def test_redeploy_one_component_leaves_the_others_alone(stack, restore, tmp_path, capsys):
-    """A one-line change to the subflow and one to the kit: only the subflow is built, and only
-    its image carries the new kit; the others keep the kit they were built with."""
+def test_a_fix_redeployed_alone_and_resumed_runs_only_the_fixed_step(stack, restore, tmp_path, capsys):
+    """A bug in the last step fails a run. The fix, a one-line change to the subflow and one to
+    the kit, deployed with `prefect deploy --name subflow`, builds only the subflow, and only its
+    image carries the new kit. `make resume` then reuses the failed run's ingest and validate
+    (their keys are unchanged) and runs only the fixed subflow."""
+    broken = project_copy(tmp_path / "broken")
+    code = broken / "subflow" / "subflow.py"
+    code.write_text(code.read_text().replace(HEADING, f'    raise RuntimeError("a bug")\n{HEADING}'))
+    stack.deploy("subflow", cwd=broken)
+    failed = stack.run("main-flow/main", refresh=["ingest", "validate/validate"])  # computed here
+    assert failed.state.is_failed() and "a bug" in failed.state.message, failed.state
+
     before = {name: stack.deployment(name) for name in ("main-flow/main", "validate/validate", "subflow/subflow")}
-    project = changed_subflow(tmp_path, "v2")
+    project = changed_subflow(tmp_path / "fixed", "v2")
     kit = project / "stepkit" / "contract.py"
     kit.write_text(kit.read_text() + "# kit change v2\n")
     started = time.monotonic()
@@ -67,36 +76,17 @@ def test_redeploy_one_component_leaves_the_others_alone(stack, restore, tmp_path
     assert sub.job_variables["image"] != before["subflow/subflow"].job_variables["image"]
     assert sub.version != before["subflow/subflow"].version
 
-    run = stack.run("main-flow/main")
-    assert run.state.is_completed(), run.state
-    output = stack.output(run)
-    assert output["results"]["subflow/subflow"]["report"].startswith("### v2 150 rows")
-    assert output["results"]["subflow/subflow"]["image"] == sub.job_variables["image"]
-    assert output["main_image"] == before["main-flow/main"].job_variables["image"]
-    assert kit_has(stack, sub.job_variables["image"], "# kit change v2")
-    assert not kit_has(stack, output["main_image"], "# kit change v2")
-
-
-def test_resume_after_a_fix_runs_only_the_failed_step(stack, restore, tmp_path):
-    """A bug in the last step fails the run; a one-line fix, `prefect deploy --name subflow` and
-    `make resume` reuse the failed run's ingest and validate, and run only the fixed subflow."""
-    broken = project_copy(tmp_path / "broken")
-    code = broken / "subflow" / "subflow.py"
-    code.write_text(code.read_text().replace(HEADING, f'    raise RuntimeError("a bug")\n{HEADING}'))
-    stack.deploy("subflow", cwd=broken)
-    failed = stack.run("main-flow/main", refresh=["ingest", "validate/validate"])  # computed here
-    assert failed.state.is_failed() and "a bug" in failed.state.message, failed.state
-
-    stack.shell(DEPLOY_ONE, cwd=changed_subflow(tmp_path / "fixed", "fixed"))
     printed = stack.shell(fill(RESUME, main_run_id=str(failed.id)))
     run = stack.read_run(printed.split("UUID: ", 1)[1].split()[0])
     assert run.state.is_completed(), run.state
     output = stack.output(run)
     assert output["cached"] == {"ingest": str(failed.id), "validate/validate": str(failed.id)}
     assert {stack.flow_name(child) for child in stack.children(run.id)} == {"subflow"}
-    subflow = output["results"]["subflow/subflow"]
-    assert subflow["image"] == stack.deployment("subflow/subflow").job_variables["image"]
-    assert subflow["report"].startswith("### fixed 150 rows")
+    assert output["results"]["subflow/subflow"]["report"].startswith("### v2 150 rows")
+    assert output["results"]["subflow/subflow"]["image"] == sub.job_variables["image"]
+    assert output["main_image"] == before["main-flow/main"].job_variables["image"]
+    assert kit_has(stack, sub.job_variables["image"], "# kit change v2")
+    assert not kit_has(stack, output["main_image"], "# kit change v2")
 
 
 def test_an_unchanged_deploy_builds_and_pushes_nothing(stack, capsys):
