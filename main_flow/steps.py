@@ -76,6 +76,9 @@ def run_group(
         get_run_logger().info("step %s: cached from run %s, not started", name, entry["run"])
     started = {name: start_step(name, data, layout.step(name), images.get(name)) for name in group if name not in hits}
     finished = wait_for_runs(started, timeout_s) if started else {}
+    results = {name: step_result(name, run) for name, run in finished.items() if run.state.is_completed()}
+    for name, result in results.items():
+        policy.record(name, keys[name], result)  # also when a step beside it failed: a resume reuses it
     failed = [
         f"step {name} (run {run.name!r}) ended {run.state.name}: {run.state.message}"
         for name, run in finished.items()
@@ -83,9 +86,6 @@ def run_group(
     ]
     if failed:
         raise PipelineError("; ".join(failed))
-    results = {name: step_result(name, run) for name, run in finished.items()}
-    for name, result in results.items():
-        policy.record(name, keys[name], result)
     reused = {name: {**entry["result"], "cached_from": entry["run"]} for name, entry in hits.items()}
     return {name: reused.get(name) or results[name] for name in group}
 
