@@ -41,6 +41,15 @@ def key(step: str, image: str, parameters: dict[str, Any], inputs: list[str]) ->
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def checked(refresh: Refresh, steps: set[str]) -> Refresh:
+    """`refresh`, if it names only steps of this run (or the ingest): a misspelt step would
+    otherwise be reused silently."""
+    unknown = [] if refresh == ALL else sorted(set(refresh) - steps - {INGEST})
+    if unknown:
+        raise ValueError(f"refresh names {unknown}, which are not steps of this run: {sorted(steps)} or {INGEST!r}")
+    return refresh
+
+
 def entry_uri(key: str, store: str | None = None) -> str:
     return f"{cache_root(store)}/{key}.json"
 

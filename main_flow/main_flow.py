@@ -50,6 +50,7 @@ def main_flow(
     steps = steps if steps is not None else registered_steps()
     groups = step_groups(steps)
     layout = RunLayout.of(flow_run.id)
+    refresh = cache.checked(refresh, {name for group in groups for name in group})
     policy = cache.Policy(str(flow_run.id), refresh, uncached(steps), str(resume_from) if resume_from else None)
     cached: dict[str, str] = {}
     if data is None:

@@ -96,3 +96,11 @@ def test_steps_take_options_and_refuse_unknown_ones():
     assert uncached(steps) == {"b/b"}
     with pytest.raises(ValidationError, match="cahce"):
         TypeAdapter(Steps).validate_python([{"step": "b/b", "cahce": False}])
+
+
+def test_refresh_names_only_steps_of_the_run():
+    steps = {"validate/validate", "subflow/subflow"}
+    assert cache.checked(["ingest", "subflow/subflow"], steps) == ["ingest", "subflow/subflow"]
+    assert cache.checked("all", steps) == "all"
+    with pytest.raises(ValueError, match=r"refresh names \['subflow/subflw'\], which are not steps of this run"):
+        cache.checked(["subflow/subflw"], steps)
