@@ -59,15 +59,19 @@ def references(result: dict[str, Any]) -> list[DataRef]:
     return [v for v in result.values() if isinstance(v, dict) and {"uri", "sha256", "bytes"} <= v.keys()]
 
 
-def lookup(key: str) -> Entry | None:
+def lookup(key: str, verified: set[tuple[str, str]] | None = None) -> Entry | None:
     """The entry for `key` if every output it points to is in the runs' part of the store and
-    matches its sha256; else None (never an error: the step is computed)."""
+    matches its sha256; else None (never an error: the step is computed). `verified` holds the
+    (uri, sha256) already read in full, e.g. an input that validate passed on: read once."""
+    verified = set() if verified is None else verified
     try:
         with fsspec.open(entry_uri(key), "rb") as file:
             entry: Entry = json.loads(file.read())
         for ref in references(entry["result"]):
             confined(ref["uri"], runs_root())
-            verify(ref)
+            if (ref["uri"], ref["sha256"]) not in verified:
+                verify(ref)
+                verified.add((ref["uri"], ref["sha256"]))
     except FileNotFoundError:
         return None
     except (ValueError, KeyError, TypeError, RefusedReference) as exc:  # corrupt, changed, wire or refused
@@ -91,11 +95,12 @@ class Policy:
     refresh: Refresh = field(default_factory=list)
     off: frozenset[str] = frozenset()  # `cache: false` in the steps
     resume_from: str | None = None  # its own entries are reused even where `cache: false`
+    verified: set[tuple[str, str]] = field(default_factory=set)  # outputs this run's lookups read in full
 
     def lookup(self, step: str, key: str | None) -> Entry | None:
         if key is None or self.refresh == ALL or step in self.refresh:
             return None
-        entry = lookup(key)
+        entry = lookup(key, self.verified)
         if entry is None or (step in self.off and entry["run"] != self.resume_from):
             return None
         return entry

@@ -100,11 +100,8 @@ def identity(source: str, settings: Settings, timeout_s: float) -> dict[str, Any
         if not validators or "content-length" not in headers:
             return None
         return {"url": source, **validators, "bytes": int(headers["content-length"])}
-    digest = hashlib.sha256()
     with source_path(source, settings).open("rb") as file:
-        for chunk in iter(lambda: file.read(CHUNK), b""):
-            digest.update(chunk)
-    return {"file": source, "sha256": digest.hexdigest()}
+        return {"file": source, "sha256": hashlib.file_digest(file, "sha256").hexdigest()}
 
 
 def describe(exc: pa.ArrowInvalid) -> str:

@@ -54,12 +54,13 @@ def main_flow(
     policy = cache.Policy(str(flow_run.id), refresh, uncached(steps), str(resume_from) if resume_from else None)
     cached: dict[str, str] = {}
     if data is None:
-        found = identity(source, Settings(), fetch_timeout_s)
+        settings = Settings()
+        found = identity(source, settings, fetch_timeout_s)
         key = cache.key(cache.INGEST, image, {"source": found, "max_columns": max_columns}, []) if found else None
         if entry := policy.lookup(cache.INGEST, key):
             data, cached[cache.INGEST] = entry["result"]["output"], entry["run"]
         else:
-            data = ingest(source, layout.input, Settings(), max_bytes, fetch_timeout_s, max_columns)
+            data = ingest(source, layout.input, settings, max_bytes, fetch_timeout_s, max_columns)
             policy.record(cache.INGEST, key, {"output": data})
     else:
         confined(data["uri"], runs_root())  # a replay reads only what a run stored

@@ -32,10 +32,11 @@ def retention(days: Annotated[float, Field(ge=1)] = 30) -> dict[str, int]:
     cutoff = flow_run.scheduled_start_time - timedelta(days=days)
     fs, runs = fsspec.core.url_to_fs(runs_root())
     _, results = fsspec.core.url_to_fs(results_root())
+    paths = fs.ls(runs, detail=False) if fs.exists(runs) else []
+    listed = {path.rstrip("/").rsplit("/", 1)[-1]: path for path in paths}  # run id: its directory
     expired = set()
     with get_client(sync_client=True) as client:
-        for path in fs.ls(runs, detail=False) if fs.exists(runs) else []:
-            run_id = path.rstrip("/").rsplit("/", 1)[-1]
+        for run_id, path in listed.items():
             if expired_run(client, run_id, cutoff):
                 fs.rm(path, recursive=True)
                 expired.add(run_id)
@@ -45,7 +46,7 @@ def retention(days: Annotated[float, Field(ge=1)] = 30) -> dict[str, int]:
     old = [path for path, info in fs.find(results, detail=True).items() if modified(info) < cutoff]
     if old:
         fs.rm(old)
-    entries = orphaned_entries(fs, runs)
+    entries = orphaned_entries(fs, listed.keys() - expired)
     if entries:
         fs.rm(entries)
     removed = {"runs": len(expired), "variables": len(variables), "results": len(old), "cache entries": len(entries)}
@@ -56,10 +57,10 @@ def retention(days: Annotated[float, Field(ge=1)] = 30) -> dict[str, int]:
     return removed
 
 
-def orphaned_entries(fs: fsspec.AbstractFileSystem, runs: str) -> list[str]:
-    """The cache entries whose run directory is gone (their outputs are gone with it), or unreadable."""
+def orphaned_entries(fs: fsspec.AbstractFileSystem, stored: set[str]) -> list[str]:
+    """The cache entries whose run is not among the `stored` run directories (their outputs are
+    gone with it), or unreadable."""
     _, entries = fsspec.core.url_to_fs(cache_root())
-    stored = {path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(runs, detail=False)} if fs.exists(runs) else set()
     orphaned = []
     for path in fs.find(entries):
         try:

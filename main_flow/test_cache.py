@@ -104,3 +104,15 @@ def test_refresh_names_only_steps_of_the_run():
     assert cache.checked("all", steps) == "all"
     with pytest.raises(ValueError, match=r"refresh names \['subflow/subflw'\], which are not steps of this run"):
         cache.checked(["subflow/subflw"], steps)
+
+
+def test_an_output_two_entries_share_is_read_once_per_run(entry, monkeypatch):
+    key, ref = entry  # e.g. the input that ingest stored and validate passed on
+    other = cache.key(**{**KEY, "step": "validate/validate"})
+    cache.record(other, "validate/validate", "r1", {"output": ref})
+    reads = []
+    monkeypatch.setattr(cache, "verify", lambda r: reads.append(r["uri"]))
+    policy = cache.Policy("r2")
+    assert policy.lookup("subflow/subflow", key) and policy.lookup("validate/validate", other)
+    assert reads == [ref["uri"]]
+    assert cache.Policy("r3").lookup("subflow/subflow", key) and len(reads) == 2  # another run reads it again
