@@ -90,7 +90,6 @@ def test_a_fix_redeployed_alone_and_resumed_runs_only_the_fixed_step(stack, rest
 
 
 def test_an_unchanged_deploy_builds_and_pushes_nothing(stack, capsys):
-
     names = ("main-flow/main", "validate/validate", "subflow/subflow")
     images = {name: stack.deployment(name).job_variables["image"] for name in names}
     ids = {name: image_id(stack, image) for name, image in images.items()}
