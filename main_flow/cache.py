@@ -12,7 +12,7 @@ from typing import Any, Literal, TypedDict
 import fsspec
 from prefect.logging import get_logger
 
-from stepkit import WIRE, DataRef, RefusedReference, atomic_write, verify
+from stepkit import WIRE, DataRef, RefusedReference, atomic_write, parts_of, verify
 from stepkit.layout import cache_root, confined, runs_root
 
 INGEST = "ingest"  # the main flow's own step: source to input.parquet
@@ -60,18 +60,18 @@ def references(result: dict[str, Any]) -> list[DataRef]:
 
 
 def lookup(key: str, verified: set[tuple[str, str]] | None = None) -> Entry | None:
-    """The entry for `key` if every output it points to is in the runs' part of the store and
-    matches its sha256; else None (never an error: the step is computed). `verified` holds the
+    """The entry for `key` if every object its outputs are made of is in the runs' part of the
+    store and matches its sha256; else None (never an error: the step is computed). `verified` holds the
     (uri, sha256) already read in full, e.g. an input that validate passed on: read once."""
     verified = set() if verified is None else verified
     try:
         with fsspec.open(entry_uri(key), "rb") as file:
             entry: Entry = json.loads(file.read())
-        for ref in references(entry["result"]):
-            confined(ref["uri"], runs_root())
-            if (ref["uri"], ref["sha256"]) not in verified:
-                verify(ref)
-                verified.add((ref["uri"], ref["sha256"]))
+        for part in (part for ref in references(entry["result"]) for part in parts_of(ref)):
+            confined(part["uri"], runs_root())
+            if (part["uri"], part["sha256"]) not in verified:
+                verify(part)
+                verified.add((part["uri"], part["sha256"]))
     except FileNotFoundError:
         return None
     except (ValueError, KeyError, TypeError, RefusedReference) as exc:  # corrupt, changed, wire or refused

@@ -1,9 +1,11 @@
 """Ingest: a CSV source (an http(s) URL or a file shipped in main_flow/data/) streamed into the
-store as Parquet, validated on the way, never held in memory."""
+store as Parquet parts, validated on the way, never held in memory."""
 
 import hashlib
 import io
 import ipaddress
+import itertools
+import operator
 import socket
 import time
 from collections.abc import Iterator
@@ -11,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO
 
+import fsspec
 import httpx
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -20,7 +23,8 @@ from prefect import task
 from pydantic import field_validator
 from pydantic_settings import BaseSettings, NoDecode
 
-from stepkit import WIRE, DataRef, atomic_write, redact
+from stepkit import WIRE, DataRef, atomic_write, dataset_of, redact
+from stepkit.layout import part_name
 
 MAX_REDIRECTS = 5
 CHUNK = 1 << 20
@@ -59,11 +63,15 @@ def transient(task: Any, task_run: Any, state: Any) -> bool:
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=transient)
-def ingest(source: str, uri: str, settings: Settings, max_bytes: int, timeout_s: float, max_columns: int) -> DataRef:
-    """Stream `source` (CSV) into `uri` (Parquet), validating it on the way."""
+def ingest(
+    source: str, directory: str, settings: Settings, max_bytes: int, timeout_s: float, max_columns: int, part_rows: int
+) -> DataRef:
+    """Stream `source` (CSV) into `directory` as Parquet parts of `part_rows` rows, validating it
+    on the way: the parts are what a mapped step's partitions are made of."""
     deadline = time.monotonic() + timeout_s
     shown = redact(source)  # no credentials or signed query in any message
-    with open_source(source, settings, max_bytes, deadline) as stream:
+    parts: list[DataRef] = []
+    with open_source(source, settings, max_bytes, deadline) as stream, removed_on_failure(parts):
         try:
             # The reader infers column types from its first block and checks every row after.
             # One thread: a flow container has one CPU (pools/docker.json), and an error stops it at once.
@@ -74,18 +82,44 @@ def ingest(source: str, uri: str, settings: Settings, max_bytes: int, timeout_s:
                 raise ValueError(f"dataset {shown!r} has {len(columns)} columns, over max_columns={max_columns}")
             if any(not name.strip() for name in columns) or len(set(columns)) != len(columns):
                 raise ValueError(f"malformed dataset {shown!r}: blank or repeated column names {columns}")
-            rows = 0
-            with atomic_write(uri) as sink, pq.ParquetWriter(sink, reader.schema) as writer:
-                for batch in reader:
-                    writer.write_batch(batch)
-                    rows += batch.num_rows
-                if rows == 0:
-                    raise ValueError(f"empty dataset {shown!r}: a header but no data rows")
+            for index, cut in itertools.groupby(cuts(reader, part_rows), key=operator.itemgetter(0)):
+                uri, rows = f"{directory}/{part_name(index)}.parquet", 0
+                with atomic_write(uri) as sink, pq.ParquetWriter(sink, reader.schema) as writer:
+                    for _, batch in cut:
+                        writer.write_batch(batch)
+                        rows += batch.num_rows
+                parts.append(DataRef(wire=WIRE, uri=uri, rows=rows, columns=columns, bytes=sink.bytes,
+                                     sha256=sink.sha256.hexdigest()))  # fmt: skip
+            if not parts:
+                raise ValueError(f"empty dataset {shown!r}: a header but no data rows")
         except pa.ArrowInvalid as exc:
             raise ValueError(f"malformed dataset {shown!r}: {describe(exc)}") from exc
         except BotoConnectionError as exc:
-            raise StoreUnavailable(f"cannot reach the data store to write {uri}: {exc}") from exc
-    return DataRef(wire=WIRE, uri=uri, rows=rows, columns=columns, bytes=sink.bytes, sha256=sink.sha256.hexdigest())
+            raise StoreUnavailable(f"cannot reach the data store to write {directory}: {exc}") from exc
+    return dataset_of(parts)
+
+
+def cuts(batches: Iterator[pa.RecordBatch], part_rows: int) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """The batches' rows as (part index, slice) pairs, a slice never across parts of `part_rows` rows."""
+    row = 0
+    for batch in batches:
+        while batch.num_rows:
+            take = part_rows - row % part_rows
+            yield row // part_rows, batch.slice(0, take)
+            row += min(take, batch.num_rows)
+            batch = batch.slice(take)
+
+
+@contextmanager
+def removed_on_failure(parts: list[DataRef]) -> Iterator[None]:
+    """Delete the parts written so far if the ingest fails: nothing of a bad source stays in the store."""
+    try:
+        yield
+    except BaseException:
+        for part in parts:
+            fs, path = fsspec.core.url_to_fs(part["uri"])
+            fs.rm(path)
+        raise
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=transient)

@@ -14,13 +14,13 @@ from pydantic import Field
 # Package imports: Prefect loads this file as module `main_flow` with this directory on its path.
 from main_flow import cache
 from main_flow.ingest import Settings, identity, ingest
-from main_flow.steps import registered_steps, run_steps, step_groups, uncached
+from main_flow.steps import Limits, registered_steps, run_steps, step_groups, step_options, uncached
 from stepkit import DataRef, RunLayout, StepName, Steps, atomic_write, redact, tag_run_with_image, usage, verify
 from stepkit.layout import confined, runs_root
 
 # What determines a run's results: what `resume_from` takes from the run it resumes. Limits and
 # timeouts come from the resuming call, so a run that timed out can be resumed with more time.
-RESUMED = ("source", "steps", "data", "images", "max_columns")
+RESUMED = ("source", "steps", "data", "images", "max_columns", "part_rows")
 
 
 @flow(name="main-flow")
@@ -33,43 +33,49 @@ def main_flow(
     resume_from: UUID | None = None,
     max_bytes: Annotated[int, Field(ge=1)] = 4 << 30,
     max_columns: Annotated[int, Field(ge=1)] = 1000,
+    part_rows: Annotated[int, Field(ge=1)] = 1_000_000,
+    partitions_at_once: Annotated[int, Field(ge=1)] = 8,
     fetch_timeout_s: Annotated[float, Field(ge=1)] = 1800.0,
     step_timeout_s: Annotated[float, Field(ge=1)] = 1800.0,
 ) -> dict[str, Any]:
-    """Load `source` into the store and run `steps` (by default the pipeline's, as last deployed)
-    on it, reusing cached steps unless in `refresh`; `data` and `images` replay a past run;
+    """Load `source` into the store in parts of `part_rows` rows and run `steps` (by default the
+    pipeline's, as last deployed) on it, a mapped step's partitions at most `partitions_at_once`
+    at a time, reusing cached steps unless in `refresh`; `data` and `images` replay a past run;
     `resume_from` runs a past run's parameters again, reusing what it completed."""
     image = tag_run_with_image()
     if resume_from is not None:
         past = resumed(resume_from)
         source, steps, data = past.get("source", source), past.get("steps", steps), past.get("data", data)
         images, max_columns = past.get("images", images), past.get("max_columns", max_columns)
+        part_rows = past.get("part_rows", part_rows)
     registry = image.split("/", 1)[0]
     if foreign := sorted(i for i in (images or {}).values() if not i.startswith(f"{registry}/")):
         raise ValueError(f"images {foreign} are not of this platform's registry {registry}")
     steps = steps if steps is not None else registered_steps()
-    groups = step_groups(steps)
+    groups, options = step_groups(steps), step_options(steps)
     layout = RunLayout.of(flow_run.id)
     refresh = cache.checked(refresh, {name for group in groups for name in group})
-    policy = cache.Policy(str(flow_run.id), refresh, uncached(steps), str(resume_from) if resume_from else None)
+    policy = cache.Policy(str(flow_run.id), refresh, uncached(options), str(resume_from) if resume_from else None)
     cached: dict[str, str] = {}
     if data is None:
         settings = Settings()
         found = identity(source, settings, fetch_timeout_s)
-        key = cache.key(cache.INGEST, image, {"source": found, "max_columns": max_columns}, []) if found else None
+        own = {"source": found, "max_columns": max_columns, "part_rows": part_rows}
+        key = cache.key(cache.INGEST, image, own, []) if found else None
         if entry := policy.lookup(cache.INGEST, key):
             data, cached[cache.INGEST] = entry["result"]["output"], entry["run"]
         else:
-            data = ingest(source, layout.input, settings, max_bytes, fetch_timeout_s, max_columns)
+            data = ingest(source, layout.input, settings, max_bytes, fetch_timeout_s, max_columns, part_rows)
             policy.record(cache.INGEST, key, {"output": data})
     else:
         confined(data["uri"], runs_root())  # a replay reads only what a run stored
         verify(data)  # a replay: fail here, before any step runs, if the input is gone
     get_run_logger().info(
-        "input: %d rows, %d bytes at %s%s", data["rows"], data["bytes"], data["uri"],
+        "input: %d rows, %d bytes in %d part(s) at %s%s",
+        data["rows"], data["bytes"], len(data.get("parts", [data])), data["uri"],
         f" (cached from run {cached[cache.INGEST]})" if cached else "",
     )  # fmt: skip
-    results = run_steps(groups, data, layout, images or {}, step_timeout_s, policy)
+    results = run_steps(groups, options, data, layout, images or {}, Limits(step_timeout_s, partitions_at_once), policy)
     cached |= {name: result["cached_from"] for name, result in results.items() if "cached_from" in result}
     output = {
         "main_flow_run_id": str(flow_run.id),

@@ -1,9 +1,12 @@
 """Step orchestration: each step a child flow run of its deployment, started with
 run_deployment() on a reference, waited for on the server's event stream, its result checked;
-or, when its cache key is unchanged, an earlier run's result reused (main_flow/cache.py)."""
+a mapped step one child run per partition of its input, their outputs gathered as one dataset;
+or, when a cache key is unchanged, an earlier run's result reused (main_flow/cache.py)."""
 
 import asyncio
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -14,13 +17,27 @@ from prefect.deployments import run_deployment
 from prefect.events.clients import PrefectEventSubscriber, get_events_subscriber
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.exceptions import ObjectNotFound
+from prefect.logging import get_logger
 from prefect.states import Cancelled, Cancelling
 from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.variables import Variable
 
 from main_flow import cache
-from stepkit import PIPELINE_STEPS, STEP_RESULT, DataRef, RunLayout, Step, Steps, WireMismatch, check_wire
+from stepkit import (
+    PIPELINE_STEPS,
+    STEP_RESULT,
+    DataRef,
+    RunLayout,
+    Step,
+    StepOptions,
+    Steps,
+    WireMismatch,
+    check_wire,
+    dataset_of,
+    parts_of,
+)  # fmt: skip
 
+log = get_logger("steps")  # under prefect.*: in a flow run, its records reach the run's log
 SAFETY_READ_S = 5.0  # reads of the steps' runs besides the event stream, should an event be lost
 FINAL = {state.value for state in TERMINAL_STATES}  # as events label them
 
@@ -51,43 +68,160 @@ def step_groups(steps: Steps) -> list[list[str]]:
     return groups
 
 
+def step_options(steps: Steps) -> dict[str, StepOptions]:
+    """Each step's options by name (`{}` for a bare name); refuse a step mapped two ways."""
+    flat = [s for step in steps for s in (step if isinstance(step, list) else [step])]
+    options = {name_of(s): s if isinstance(s, dict) else StepOptions(step=s) for s in flat}
+    if both := sorted(n for n, o in options.items() if "partitions" in o and "rows_per_partition" in o):
+        raise ValueError(f"steps {both}: give partitions or rows_per_partition, not both")
+    return options
+
+
 def name_of(step: Step) -> str:
     return step["step"] if isinstance(step, dict) else step
 
 
-def uncached(steps: Steps) -> frozenset[str]:
+def uncached(options: dict[str, StepOptions]) -> frozenset[str]:
     """The steps declared with `cache: false`."""
-    flat = [s for step in steps for s in (step if isinstance(step, list) else [step])]
-    return frozenset(s["step"] for s in flat if isinstance(s, dict) and s.get("cache") is False)
+    return frozenset(name for name, o in options.items() if o.get("cache") is False)
+
+
+def partitions(data: DataRef, option: StepOptions) -> list[DataRef] | None:
+    """`data`'s parts in contiguous groups of about equal rows, one per partition of a mapped
+    step; None if the step is not mapped. A part is never split: at most one partition per part."""
+    if "partitions" in option:
+        wanted = option["partitions"]
+    elif "rows_per_partition" in option:
+        wanted = -(-data["rows"] // option["rows_per_partition"])
+    else:
+        return None
+    parts = parts_of(data)
+    count = max(1, min(wanted, len(parts)))
+    if count < wanted:
+        log.warning(
+            "step %s: %d partitions asked, but the input has %d part(s); lower part_rows for more",
+            option["step"], wanted, len(parts),
+        )  # fmt: skip
+    groups: list[list[DataRef]] = [[] for _ in range(count)]
+    start, total = 0, max(data["rows"], 1)
+    for part in parts:
+        groups[min(count - 1, start * count // total)].append(part)
+        start += part["rows"]
+    return [dataset_of(group) for group in groups if group]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How long a group of steps may take, and how many partitions of a mapped step run at once."""
+
+    timeout_s: float
+    at_once: int
+
+
+@dataclass(frozen=True)
+class Task:
+    """One child run to make: a step, or one partition of a mapped step, on its input."""
+
+    step: str
+    data: DataRef
+    out: str
+    partition: int | None = None  # None: the step is not mapped
+    of: int = 1
+
+    def __str__(self) -> str:
+        return self.step if self.partition is None else f"{self.step} partition {self.partition + 1} of {self.of}"
 
 
 def run_group(
     group: list[str],
+    options: dict[str, StepOptions],
     data: DataRef,
     layout: RunLayout,
     images: dict[str, str],
-    timeout_s: float,
+    limits: Limits,
     policy: cache.Policy,
 ) -> dict[str, dict[str, Any]]:
-    """Run the steps of a group at once on `data`, reusing cached results; results by deployment name."""
-    keys = {name: step_key(name, data, images.get(name)) for name in group}
-    hits = {name: entry for name in group if (entry := policy.lookup(name, keys[name]))}
-    for name, entry in hits.items():
-        get_run_logger().info("step %s: cached from run %s, not started", name, entry["run"])
-    started = {name: start_step(name, data, layout.step(name), images.get(name)) for name in group if name not in hits}
-    finished = wait_for_runs(started, timeout_s) if started else {}
-    results = {name: step_result(name, run) for name, run in finished.items() if run.state.is_completed()}
-    for name, result in results.items():
-        policy.record(name, keys[name], result)  # also when a step beside it failed: a resume reuses it
-    failed = [
-        f"step {name} (run {run.name!r}) ended {run.state.name}: {run.state.message}"
-        for name, run in finished.items()
-        if not run.state.is_completed()
-    ]
+    """Run the steps of a group at once on `data` (a mapped step as one run per partition),
+    reusing cached results; results by deployment name."""
+    began = time.monotonic()
+    tasks: list[Task] = []
+    for name in group:
+        mapped = partitions(data, options.get(name, StepOptions(step=name)))
+        if mapped is None:
+            tasks.append(Task(name, data, layout.step(name)))
+        else:
+            tasks += [Task(name, d, layout.step(name, i), i, len(mapped)) for i, d in enumerate(mapped)]
+    keys = {task: step_key(task.step, task.data, images.get(task.step)) for task in tasks}
+    hits = {task: entry for task in tasks if (entry := policy.lookup(task.step, keys[task]))}
+    for task, entry in hits.items():
+        get_run_logger().info("step %s: cached from run %s, not started", task, entry["run"])
+    results = {task: {**entry["result"], "cached_from": entry["run"]} for task, entry in hits.items()}
+    started = [task for task in tasks if task not in hits]
+    results |= run_tasks(started, images, limits, lambda task, result: policy.record(task.step, keys[task], result))
+    return {name: gathered(name, [t for t in tasks if t.step == name], results, began) for name in group}
+
+
+def gathered(name: str, tasks: list[Task], results: dict[Task, dict[str, Any]], began: float) -> dict[str, Any]:
+    """A step's result: its own, or a mapped step's partitions' outputs as one dataset of their parts."""
+    if tasks[0].partition is None:
+        return results[tasks[0]]
+    done = [results[task] for task in tasks]
+    result: dict[str, Any] = {
+        "output": dataset_of([r["output"] for r in done]),
+        "summary": [
+            {
+                "partition": t.partition + 1,
+                "rows": t.data["rows"],
+                "run": r.get("cached_from") or r["flow_run_id"],
+                "cached": "cached_from" in r,
+            }
+            for t, r in zip(tasks, done, strict=True)
+        ],  # fmt: skip
+        "report": "\n\n".join(
+            f"#### Partition {t.partition + 1} of {t.of}\n\n{r['report']}" for t, r in zip(tasks, done, strict=True)
+        ),
+        "image": done[0]["image"],
+        "partitions": done,
+        "seconds": round(time.monotonic() - began, 3),  # the step's wall time: first start to last end
+    }
+    if all("cached_from" in r for r in done):
+        result["cached_from"] = done[0]["cached_from"]
+    return result
+
+
+def run_tasks(
+    tasks: list[Task], images: dict[str, str], limits: Limits, record: Callable[[Task, dict[str, Any]], None]
+) -> dict[Task, dict[str, Any]]:
+    """Start the tasks' child runs, at most `limits.at_once` partitions of a step at a time, and
+    wait for all; `record` each completed result at once. After a failure no more partitions are
+    started; those running finish (and are recorded, so a re-run computes only what failed)."""
+    deadline = time.monotonic() + limits.timeout_s
+    queue, running, results, failed = list(tasks), {}, {}, []
+    while queue or running:
+        while queue and not failed and sum(t.step == queue[0].step for t in running.values()) < limits.at_once:
+            task = queue.pop(0)
+            running[start_step(task.step, task.data, task.out, images.get(task.step)).id] = task
+        if not running:
+            break
+        for run in run_coro_as_sync(until_final(list(running), deadline, any_final=True)):
+            if not final(run):
+                continue
+            task = running.pop(run.id)
+            if run.state.is_completed():
+                results[task] = step_result(task.step, run)
+                record(task, results[task])
+            else:
+                failed.append(f"step {task} (run {run.name!r}) ended {run.state.name}: {run.state.message}")
+        if running and time.monotonic() >= deadline:
+            waiting = [run for run in run_coro_as_sync(until_final(list(running), deadline)) if not final(run)]
+            with get_client(sync_client=True) as client:
+                for run in waiting:
+                    cancel(client, run, f"main flow stopped waiting after {limits.timeout_s}s")
+            raise PipelineError("; ".join(failed + [not_finished(run, limits.timeout_s) for run in waiting]))
     if failed:
-        raise PipelineError("; ".join(failed))
-    reused = {name: {**entry["result"], "cached_from": entry["run"]} for name, entry in hits.items()}
-    return {name: reused.get(name) or results[name] for name in group}
+        skipped = f"; {len(queue)} partition(s) not started" if queue else ""
+        raise PipelineError("; ".join(failed) + skipped)
+    return results
 
 
 def step_key(name: str, data: DataRef, image: str | None) -> str | None:
@@ -114,22 +248,10 @@ def start_step(name: str, data: DataRef, out: str, image: str | None) -> FlowRun
     )
 
 
-def wait_for_runs(runs: dict[str, FlowRun], timeout_s: float) -> dict[str, FlowRun]:
-    """Wait until every run is final; cancel the rest and fail at the deadline."""
-    names = {run.id: name for name, run in runs.items()}
-    finished = run_coro_as_sync(until_final(list(names), time.monotonic() + timeout_s))
-    waiting = [run for run in finished if not final(run)]
-    if waiting:
-        with get_client(sync_client=True) as client:
-            for run in waiting:
-                cancel(client, run, f"main flow stopped waiting after {timeout_s}s")
-        raise PipelineError("; ".join(not_finished(run, timeout_s) for run in waiting))
-    return {names[run.id]: run for run in finished}
-
-
-async def until_final(ids: list[UUID], deadline: float) -> list[FlowRun]:
+async def until_final(ids: list[UUID], deadline: float, any_final: bool = False) -> list[FlowRun]:
     """Read the runs whenever the server's event stream reports a state of one of them (and every
-    few seconds besides) until all are final or the deadline passes: no polling interval to wait out.
+    few seconds besides) until all (or, with `any_final`, any) are final or the deadline passes:
+    no polling interval to wait out.
     While the stream is away (the server restarting), read every few seconds and reconnect."""
     states = EventFilter(
         event=EventNameFilter(prefix=["prefect.flow-run."]),
@@ -142,7 +264,7 @@ async def until_final(ids: list[UUID], deadline: float) -> list[FlowRun]:
             while True:
                 runs = await asyncio.gather(*(client.read_flow_run(run_id) for run_id in ids))
                 left = deadline - time.monotonic()
-                if all(final(run) for run in runs) or left <= 0:
+                if (any if any_final else all)(final(run) for run in runs) or left <= 0:
                     return runs
                 events = events or await subscribe(states)
                 with anyio.move_on_after(0.1 if soon else min(SAFETY_READ_S, left)):
@@ -207,16 +329,17 @@ def step_result(name: str, run: FlowRun) -> dict[str, Any]:
 
 def run_steps(
     groups: list[list[str]],
+    options: dict[str, StepOptions],
     data: DataRef,
     layout: RunLayout,
     images: dict[str, str],
-    timeout_s: float,
+    limits: Limits,
     policy: cache.Policy,
 ) -> dict[str, dict[str, Any]]:
     """Run the groups one after another, each on the previous group's first output."""
     results: dict[str, dict[str, Any]] = {}
     for group in groups:
-        done = run_group(group, data, layout, images, timeout_s, policy)
+        done = run_group(group, options, data, layout, images, limits, policy)
         results.update(done)
         data = done[group[0]]["output"]  # after a parallel group, its first step's output
     return results

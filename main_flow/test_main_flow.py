@@ -18,7 +18,7 @@ import s3fs
 from conftest import IRIS
 from main_flow import ingest as component
 from main_flow import steps
-from stepkit import DataRef, verify
+from stepkit import WIRE, DataRef, dataset_of, parts_of, verify
 
 
 def settings(**values) -> component.Settings:
@@ -27,14 +27,16 @@ def settings(**values) -> component.Settings:
 
 
 def ingest(source: str, store: Path, config: component.Settings | None = None, **limits) -> DataRef:
-    limits = {"max_bytes": 1 << 30, "timeout_s": 60, "max_columns": 1000, **limits}
-    uri = f"file://{store}/input.parquet"
-    return component.ingest.fn(source, uri, config or settings(), **limits)
+    limits = {**LIMITS, **limits}
+    return component.ingest.fn(source, f"file://{store}/input", config or settings(), **limits)
+
+
+LIMITS = {"max_bytes": 1 << 30, "timeout_s": 60, "max_columns": 1000, "part_rows": 1_000_000}
 
 
 def empty(store: Path) -> bool:
     """Nothing half-written: no object, no partial file."""
-    return not store.exists() or not list(store.iterdir())
+    return not any(path.is_file() for path in store.rglob("*"))
 
 
 @pytest.fixture
@@ -92,7 +94,7 @@ LOOPBACK = settings(source_allow_hosts=["127.0.0.1"])
 
 def test_ingest_converts_the_shipped_iris_data_to_parquet(tmp_path):
     ref = ingest("iris.csv", tmp_path)
-    stored = tmp_path / "input.parquet"
+    stored = tmp_path / "input" / "part-00000.parquet"
     table = pq.read_table(stored)
     assert ref["rows"] == table.num_rows == 150
     assert ref["columns"] == table.schema.names == [
@@ -101,7 +103,19 @@ def test_ingest_converts_the_shipped_iris_data_to_parquet(tmp_path):
     assert table.column("sepal_length")[0].as_py() == 5.1
     assert ref["bytes"] == stored.stat().st_size
     assert ref["sha256"] == hashlib.sha256(stored.read_bytes()).hexdigest()
-    assert [p.name for p in tmp_path.iterdir()] == ["input.parquet"]  # no partial file left
+    assert [p.name for p in stored.parent.iterdir()] == ["part-00000.parquet"]  # no partial file left
+
+
+def test_ingest_writes_parts_of_part_rows_that_read_as_the_whole(tmp_path):
+    ref = ingest("iris.csv", tmp_path / "a", part_rows=40)
+    assert [p["rows"] for p in ref["parts"]] == [40, 40, 40, 30] and ref["rows"] == 150
+    assert [p["uri"].rsplit("/", 1)[1] for p in ref["parts"]] == [f"part-0000{i}.parquet" for i in range(4)]
+    assert ref["uri"] == f"file://{tmp_path}/a/input"
+    ingest("iris.csv", tmp_path / "b")
+    whole = pq.read_table(tmp_path / "b" / "input" / "part-00000.parquet")
+    assert pq.read_table([p["uri"].removeprefix("file://") for p in ref["parts"]]) == whole
+    assert ref == ingest("iris.csv", tmp_path / "a", part_rows=40)  # the same bytes again, part for part
+    verify(ref)
 
 
 def test_ingest_over_http_gives_the_same_data(http_server, tmp_path):
@@ -280,20 +294,19 @@ def s3_env(s3_endpoint, monkeypatch):
 
 
 def test_ingest_into_s3_matches_the_file_store(s3_env, tmp_path):
-    uri = "s3://pipeline/runs/unit/input.parquet"
-    ref = component.ingest.fn("iris.csv", uri, settings(), max_bytes=1 << 30, timeout_s=60, max_columns=1000)
+    ref = component.ingest.fn("iris.csv", "s3://pipeline/runs/unit/input", settings(), **LIMITS)
     assert ref["sha256"] == ingest("iris.csv", tmp_path)["sha256"]
     verify(ref)
-    assert s3_env.ls("pipeline/runs/unit") == ["pipeline/runs/unit/input.parquet"]
+    assert s3_env.ls("pipeline/runs/unit/input") == ["pipeline/runs/unit/input/part-00000.parquet"]
 
 
 def test_a_failed_upload_leaves_no_object(s3_env, data_dir):
+    """Also the parts committed before the bad row: a failed ingest leaves nothing."""
     (data_dir / "ragged.csv").write_bytes(b"a,b\n" + b"1,2\n" * 300_000 + b"3\n")
-    uri = "s3://pipeline/runs/failed/input.parquet"
+    limits = {**LIMITS, "part_rows": 100_000}
     with pytest.raises(ValueError, match="different number of fields"):
-        limits = {"max_bytes": 1 << 30, "timeout_s": 60, "max_columns": 1000}
-        component.ingest.fn("ragged.csv", uri, settings(source_dir=data_dir), **limits)
-    assert not s3_env.exists(uri)
+        component.ingest.fn("ragged.csv", "s3://pipeline/runs/failed/input", settings(source_dir=data_dir), **limits)
+    assert s3_env.find("pipeline/runs/failed") == []
 
 
 def test_the_source_identity_is_cheap_and_follows_the_bytes(http_server, data_dir, tmp_path):
@@ -308,3 +321,20 @@ def test_the_source_identity_is_cheap_and_follows_the_bytes(http_server, data_di
     assert component.identity.fn("a.csv", config, 10) == {"file": "a.csv", "sha256": digest}
     with pytest.raises(ValueError, match="non-public address"):
         component.identity.fn(url, settings(), 10)  # the source's checks come first
+
+
+def test_a_mapped_step_gets_contiguous_partitions_of_about_equal_rows():
+    parts = [
+        DataRef(
+            wire=WIRE, uri=f"s3://b/runs/r/input/part-{i}.parquet", rows=10, columns=["a"], bytes=1, sha256=f"{i}" * 64
+        )
+        for i in range(10)
+    ]
+    data = dataset_of(parts)
+    four = steps.partitions(data, {"step": "v/v", "partitions": 4})
+    assert [p["rows"] for p in four] == [30, 20, 30, 20]
+    assert [part for p in four for part in parts_of(p)] == parts  # in order, each part once
+    assert [p["rows"] for p in steps.partitions(data, {"step": "v/v", "rows_per_partition": 50})] == [50, 50]
+    assert len(steps.partitions(data, {"step": "v/v", "partitions": 20})) == 10  # a part is never split
+    assert steps.partitions(parts[0], {"step": "v/v", "partitions": 4}) == [parts[0]]
+    assert steps.partitions(data, {"step": "v/v"}) is None  # not mapped

@@ -1,10 +1,11 @@
 """stepkit: the contract every pipeline component is built with, in one versioned package.
 
-It owns the references that travel between components (`DataRef`, with the wire format's
-version), the step result, the run layout in the data store, atomic hashed writes, reads that
-check the sha256 while they read, and the `@step` decorator that turns a function of (input
-dataset, own parameters) into a Prefect flow with the contract's signature. component.Dockerfile
-copies it into every component image, so each image keeps the kit it was built with.
+It owns the references that travel between components (`DataRef`, one Parquet object or a
+dataset of parts, with the wire format's version), the step result, the run layout in the data
+store, atomic hashed writes, reads that check the sha256 while they read, and the `@step`
+decorator that turns a function of (input dataset, own parameters) into a Prefect flow with the
+contract's signature. component.Dockerfile copies it into every component image, so each image
+keeps the kit it was built with.
 """
 
 from stepkit.contract import (
@@ -12,6 +13,7 @@ from stepkit.contract import (
     STEP_RESULT,
     WIRE,
     DataRef,
+    Part,
     Step,
     StepName,
     StepOptions,
@@ -22,12 +24,13 @@ from stepkit.contract import (
 )  # fmt: skip
 from stepkit.layout import RefusedReference, RunLayout, redact
 from stepkit.step import Dataset, Out, Output, StepFailed, batches, step, tag_run_with_image, usage
-from stepkit.store import atomic_write, verify, write_parquet
+from stepkit.store import atomic_write, dataset_of, parts_of, verify, write_parquet
 
-__version__ = "1.2.0"  # see README, "The step kit": which changes need every component redeployed
+__version__ = "2.0.0"  # see README, "The step kit": which changes need every component redeployed
 
 __all__ = [
-    "PIPELINE_STEPS", "STEP_RESULT", "WIRE", "DataRef", "Dataset", "Out", "Output", "RefusedReference", "RunLayout",
-    "StepFailed", "Step", "StepName", "StepOptions", "StepResult", "Steps", "WireMismatch", "atomic_write",
-    "check_wire", "batches", "redact", "step", "tag_run_with_image", "usage", "verify", "write_parquet",
+    "PIPELINE_STEPS", "STEP_RESULT", "WIRE", "DataRef", "Dataset", "Out", "Output", "Part", "RefusedReference",
+    "RunLayout", "StepFailed", "Step", "StepName", "StepOptions", "StepResult", "Steps", "WireMismatch",
+    "atomic_write", "check_wire", "batches", "dataset_of", "parts_of", "redact", "step", "tag_run_with_image",
+    "usage", "verify", "write_parquet",
 ]  # fmt: skip

@@ -7,7 +7,7 @@ from typing_extensions import TypedDict  # pydantic needs it for parameters on P
 
 # The wire format of DataRef and StepResult. Bump it only for a change that a component built
 # with the previous kit cannot read; every component must then be redeployed (README).
-WIRE = 1
+WIRE = 2  # 2: a DataRef can be a dataset of parts
 
 # A step is its deployment's full name, `flow/deployment`: what run_deployment() takes. A
 # pipeline is a list of steps run one after another; a list inside runs its steps at once.
@@ -20,6 +20,9 @@ class StepOptions(TypedDict):
 
     step: StepName
     cache: NotRequired[bool]  # reuse an earlier run's result when the step's key is unchanged (default true)
+    # Map the step over its input: one child run per partition, a group of the input's parts.
+    partitions: NotRequired[Annotated[int, Field(ge=1)]]
+    rows_per_partition: NotRequired[Annotated[int, Field(ge=1)]]
 
 
 Step = StepName | StepOptions
@@ -28,8 +31,19 @@ Steps = list[Step | list[Step]]
 PIPELINE_STEPS = "pipeline-steps"
 
 
+class Part(TypedDict):
+    """One Parquet file of a dataset of parts."""
+
+    uri: str
+    rows: int
+    bytes: int
+    sha256: str
+
+
 class DataRef(TypedDict):
-    """A complete object in the data store, and what it holds."""
+    """A dataset in the data store, and what it holds: one Parquet object (`uri`), or with `parts`,
+    Parquet files read in order as one dataset; `uri` is then the directory they share and
+    `sha256` the hash of the parts' sha256s (stepkit.store.dataset_of)."""
 
     wire: int
     uri: str
@@ -37,6 +51,7 @@ class DataRef(TypedDict):
     columns: list[str]
     bytes: int
     sha256: str
+    parts: NotRequired[list[Part]]
 
 
 class StepResult(TypedDict):

@@ -1,10 +1,11 @@
 """The run layout in the data store, defined once:
 
-<store>/runs/<main run id>/input.parquet   the ingested source
-<store>/runs/<main run id>/<step>/...      each step's own outputs (<step>: its deployment name)
-<store>/runs/<main run id>/output.json     the pipeline output
-<store>/results/                           Prefect's persisted results
-<store>/cache/<key>.json                   the step cache's entries (main_flow/cache.py)
+<store>/runs/<main run id>/input/part-NNNNN.parquet  the ingested source, in parts of part_rows rows
+<store>/runs/<main run id>/<step>/...                each step's own outputs (<step>: its deployment
+                                                     name); a mapped step's in part-NNNNN/, one each
+<store>/runs/<main run id>/output.json               the pipeline output
+<store>/results/                                     Prefect's persisted results
+<store>/cache/<key>.json                             the step cache's entries (main_flow/cache.py)
 """
 
 import os
@@ -40,15 +41,21 @@ class RunLayout:
 
     @property
     def input(self) -> str:
-        return f"{self.dir}/input.parquet"
+        """The directory of the ingested source's parts."""
+        return f"{self.dir}/input"
 
     @property
     def output(self) -> str:
         return f"{self.dir}/output.json"
 
-    def step(self, name: str) -> str:
-        """A step's own directory, from its `flow/deployment` name."""
-        return f"{self.dir}/{name.split('/')[-1]}"
+    def step(self, name: str, partition: int | None = None) -> str:
+        """A step's own directory, from its `flow/deployment` name; a mapped step's partition's in it."""
+        directory = f"{self.dir}/{name.split('/')[-1]}"
+        return directory if partition is None else f"{directory}/{part_name(partition)}"
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}"
 
 
 def runs_root(store: str | None = None) -> str:

@@ -5,7 +5,7 @@ import inspect
 import os
 import resource
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +16,7 @@ from prefect.runtime import flow_run
 
 from stepkit.contract import DataRef, StepResult, check_wire
 from stepkit.layout import RefusedReference, RunLayout, confined, run_id_of, runs_root
-from stepkit.store import VerifyingReader, open_verified, write_parquet
+from stepkit.store import VerifyingReader, open_verified, parts_of, write_parquet
 
 if TYPE_CHECKING:  # pyarrow is imported where it is used: the cli image deploys steps without it
     import pyarrow as pa
@@ -36,23 +36,54 @@ def batches(parquet: "pq.ParquetFile", max_bytes: int = BATCH_BYTES) -> Iterator
 
 
 class Dataset:
-    """The step's input, opened once: every byte is hashed as the step reads it."""
+    """The step's input, opened once: one Parquet object or several parts read in order as one
+    dataset. Every byte is hashed as the step reads it."""
 
-    def __init__(self, ref: DataRef, reader: VerifyingReader):
-        self.ref, self._reader = ref, reader
+    def __init__(self, ref: DataRef, readers: list[VerifyingReader]):
+        self.ref, self._readers = ref, readers
+
+    @classmethod
+    @contextmanager
+    def open(cls, ref: DataRef) -> Iterator["Dataset"]:
+        """The dataset `ref`, every part opened for a verified read."""
+        with ExitStack() as opened:
+            readers = []
+            for part in parts_of(ref):
+                try:
+                    readers.append(opened.enter_context(open_verified(part)))
+                except FileNotFoundError:  # missing reads as every other refusal: no oracle
+                    raise RefusedReference(part["uri"]) from None
+            yield cls(ref, readers)
+
+    @property
+    def schema(self) -> "pa.Schema":
+        """The columns and their types (every part has the same)."""
+        return self._parquet(0).schema_arrow
 
     def parquet(self) -> "pq.ParquetFile":
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(self._reader)
+        """The one Parquet object of a one-part dataset; a step that may get parts reads batches()."""
+        if len(self._readers) > 1:
+            raise ValueError(f"{self.ref['uri']} has {len(self._readers)} parts: read it with batches()")
+        return self._parquet(0)
 
     def batches(self, max_bytes: int = BATCH_BYTES) -> Iterator["pa.RecordBatch"]:
-        """The rows in order, in record batches of about `max_bytes` each."""
-        yield from batches(self.parquet(), max_bytes)
+        """The rows in order, part after part, in record batches of about `max_bytes` each."""
+        schema = self.schema
+        for i, part in enumerate(parts_of(self.ref)):
+            parquet = self._parquet(i)
+            if not parquet.schema_arrow.equals(schema):
+                raise ValueError(f"part {part['uri']} has the schema {parquet.schema_arrow}, not the first part's")
+            yield from batches(parquet, max_bytes)
+
+    def _parquet(self, i: int) -> "pq.ParquetFile":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(self._readers[i])
 
     def finish(self) -> None:
-        """Hash what the step did not read, and fail unless the input matches its reference."""
-        self._reader.finish()
+        """Hash what the step did not read, and fail unless every part matches its reference."""
+        for reader in self._readers:
+            reader.finish()
 
 
 class Out:
@@ -111,12 +142,7 @@ def step(fn: Callable[..., Output] | None = None, *, name: str | None = None) ->
             image = tag_run_with_image()
             ref, out = parameters.pop("data"), parameters.pop("out")
             confine(ref, out)
-            with ExitStack() as opened:
-                try:
-                    reader = opened.enter_context(open_verified(ref))
-                except FileNotFoundError:  # missing reads as every other refusal: no oracle
-                    raise RefusedReference(ref["uri"]) from None
-                data = Dataset(ref, reader)
+            with Dataset.open(ref) as data:
                 try:
                     result = fn(data=data, **({"out": Out(out, data)} if wants_out else {}), **parameters)
                     data.finish()
@@ -163,8 +189,8 @@ def confine(ref: DataRef, out: str) -> None:
     """A step reads only inside the store's runs/, and writes only inside the directory of the
     main run that started it (run by hand: of the run its input belongs to). Every refusal says
     the same, so none tells what exists outside."""
-    uri = confined(str(ref.get("uri", "")), runs_root())
-    owner = flow_run.parent_flow_run_id or run_id_of(uri)
+    uris = [confined(str(part.get("uri", "")), runs_root()) for part in parts_of(ref)]
+    owner = flow_run.parent_flow_run_id or run_id_of(uris[0])
     confined(out, RunLayout.of(owner).dir)
 
 

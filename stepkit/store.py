@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from stepkit.contract import WIRE, DataRef, check_wire
+from stepkit.contract import WIRE, DataRef, Part, check_wire
 
 if TYPE_CHECKING:  # pyarrow is imported where it is used: the cli image deploys steps without it
     import pyarrow as pa
@@ -172,10 +172,48 @@ class VerifyingReader(io.RawIOBase):
             raise ValueError(f"stored object corrupt: {self._ref['uri']} does not match its sha256")
 
 
+def parts_of(ref: DataRef) -> list[DataRef]:
+    """The Parquet objects of a dataset, in order, each as a one-part reference."""
+    if "parts" not in ref:
+        return [ref]
+    return [DataRef(wire=ref["wire"], columns=ref["columns"], **part) for part in ref["parts"]]
+
+
+def dataset_of(parts: list[DataRef]) -> DataRef:
+    """One reference to `parts`, read in order as one dataset: the part itself if there is one.
+    Its sha256 hashes the parts' sha256s, so it names the content wherever the parts are stored."""
+    if not parts:
+        raise ValueError("a dataset needs at least one part")
+    flat = [p for ref in parts for p in parts_of(ref)]
+    if len(flat) == 1:
+        return flat[0]
+    columns = flat[0]["columns"]
+    if other := next((p for p in flat if p["columns"] != columns), None):
+        raise ValueError(f"parts of a dataset differ in columns: {other['uri']} has {other['columns']}, not {columns}")
+    return DataRef(
+        wire=WIRE, uri=shared_directory([p["uri"] for p in flat]),
+        rows=sum(p["rows"] for p in flat), columns=columns, bytes=sum(p["bytes"] for p in flat),
+        sha256=hashlib.sha256("\n".join(p["sha256"] for p in flat).encode()).hexdigest(),
+        parts=[Part(uri=p["uri"], rows=p["rows"], bytes=p["bytes"], sha256=p["sha256"]) for p in flat],
+    )  # fmt: skip
+
+
+def shared_directory(uris: list[str]) -> str:
+    """The deepest directory that holds every one of `uris`."""
+    shared: list[str] = []
+    for names in zip(*(uri.rsplit("/", 1)[0].split("/") for uri in uris), strict=False):
+        if len(set(names)) > 1:
+            break
+        shared.append(names[0])
+    return "/".join(shared)
+
+
 @contextmanager
 def open_verified(ref: DataRef) -> Iterator[VerifyingReader]:
-    """Open a referenced object for one verified read; the caller calls `finish()` when done."""
+    """Open a referenced Parquet object for one verified read; the caller calls `finish()` when done."""
     check_wire(ref)
+    if "parts" in ref:
+        raise ValueError(f"{ref['uri']} is a dataset of {len(ref['parts'])} parts: open each of parts_of(ref)")
     fs, path = fsspec.core.url_to_fs(ref["uri"])
     try:
         file = fs.open(path, "rb")
@@ -186,6 +224,8 @@ def open_verified(ref: DataRef) -> Iterator[VerifyingReader]:
 
 
 def verify(ref: DataRef) -> None:
-    """Fail unless the stored object exists and matches its reference byte for byte."""
-    with open_verified(ref) as reader:
-        reader.finish()
+    """Fail unless every stored object of the dataset exists and matches its reference byte for byte."""
+    check_wire(ref)
+    for part in parts_of(ref):
+        with open_verified(part) as reader:
+            reader.finish()

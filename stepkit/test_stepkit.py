@@ -21,6 +21,8 @@ from stepkit import (
     WireMismatch,
     atomic_write,
     check_wire,
+    dataset_of,
+    parts_of,
     step,
     verify,
     write_parquet,
@@ -37,7 +39,7 @@ def counted(tmp_path, monkeypatch):
     table = pa.table({"g": [i % 7 for i in range(200_000)], "v": [float(i) for i in range(200_000)]})
     ref = write_parquet(table, f"file://{tmp_path}/runs/r1/input.parquet", row_group_size=25_000)
     CountingFileSystem.opens = CountingFileSystem.bytes_read = 0
-    return {**ref, "uri": RunLayout.of("r1").input}
+    return {**ref, "uri": f"counted://{tmp_path}/runs/r1/input.parquet"}
 
 
 def test_atomic_write_hashes_and_leaves_nothing_partial(tmp_path):
@@ -94,6 +96,36 @@ def test_each_step_of_the_kit_reads_its_input_once(prefect_api, counted, tmp_pat
     assert result["summary"] == [{"total": float(sum(range(200_000)))}]
     assert CountingFileSystem.opens == 1
     assert counted["bytes"] <= CountingFileSystem.bytes_read <= counted["bytes"] + 1024
+
+
+def test_a_dataset_of_parts_reads_as_one_and_each_part_is_verified(prefect_api, counted, tmp_path):
+    table = pq.read_table(tmp_path / "runs" / "r1" / "input.parquet")
+    parts = [
+        {**write_parquet(table.slice(i, 50_000), f"file://{tmp_path}/runs/r1/p/{i}.parquet"),
+         "uri": f"counted://{tmp_path}/runs/r1/p/{i}.parquet"}
+        for i in range(0, 200_000, 50_000)
+    ]  # fmt: skip
+    data = dataset_of(parts)
+    assert (data["uri"], data["rows"], len(parts_of(data))) == (f"counted://{tmp_path}/runs/r1/p", 200_000, 4)
+    assert parts_of(data) == parts and dataset_of([parts[0]]) == parts[0]
+    elsewhere = [{**p, "uri": p["uri"].replace("/p/", "/q/")} for p in parts]
+    assert dataset_of(elsewhere)["sha256"] == data["sha256"]  # it names the content, not where it is
+
+    @step
+    def summing(data: Dataset) -> Output:
+        total = sum(pa.compute.sum(batch["v"]).as_py() for batch in data.batches(max_bytes=100_000))
+        return Output(data.ref, [{"total": total}], "summed")
+
+    CountingFileSystem.opens = CountingFileSystem.bytes_read = 0
+    result = summing(data=data, out=RunLayout.of("r1").step("summing"))
+    assert result["summary"] == [{"total": float(sum(range(200_000)))}] and result["output"] == data
+    assert CountingFileSystem.opens == 4 and CountingFileSystem.bytes_read <= data["bytes"] + 4 * 1024
+    corrupt = {**data, "parts": [*data["parts"][:2], {**data["parts"][2], "sha256": "0" * 64}, data["parts"][3]]}
+    state = summing(data=corrupt, out=RunLayout.of("r1").step("summing"), return_state=True)
+    with pytest.raises(ValueError, match=f"stored object corrupt: {parts[2]['uri']} does not match its sha256"):
+        state.result()
+    with pytest.raises(ValueError, match="parts of a dataset differ in columns"):
+        dataset_of([parts[0], {**parts[1], "columns": ["g"]}])
 
 
 def test_a_corrupt_input_fails_the_step_by_name_and_it_writes_nothing(prefect_api, counted, tmp_path):
@@ -176,8 +208,9 @@ def test_the_run_layout_is_defined_once(monkeypatch):
     monkeypatch.setenv("PIPELINE_DATA_URL", "s3://bucket/data/")
     layout = RunLayout.of("abc")
     assert layout.dir == "s3://bucket/data/runs/abc"
-    assert (layout.input, layout.output) == (f"{layout.dir}/input.parquet", f"{layout.dir}/output.json")
+    assert (layout.input, layout.output) == (f"{layout.dir}/input", f"{layout.dir}/output.json")
     assert layout.step("subflow/subflow") == f"{layout.dir}/subflow"
+    assert layout.step("validate/validate", 2) == f"{layout.dir}/validate/part-00002"
     assert run_id_of(f"{layout.step('validate/validate')}/x.parquet") == "abc" and run_id_of("s3://b/x") is None
     monkeypatch.delenv("PIPELINE_DATA_URL")
     with pytest.raises(RuntimeError, match="PIPELINE_DATA_URL is not set"):

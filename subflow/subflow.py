@@ -5,13 +5,12 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from prefect import get_run_logger
 from prefect.runtime import flow_run
 from prefect.variables import Variable
 from tabulate import tabulate
 
-from stepkit import DataRef, Dataset, Out, Output, batches, step
+from stepkit import DataRef, Dataset, Out, Output, step
 
 SHOWN_GROUPS = 20  # groups in the returned summary and the report; all of them are in the output
 VARIABLE_LIMIT = 5000  # Prefect's limit on a Variable's value, in characters of JSON
@@ -21,7 +20,7 @@ NUMBER = r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$"
 @step
 def subflow(data: Dataset, out: Out, group_by: str = "species") -> Output:
     """Count the rows and average every measurement of each `group_by` group of `data`."""
-    table = summarise(data.parquet(), group_by)
+    table = summarise(data, group_by)
     output = out.write_table(table, "summary.parquet")
     summary = table.slice(0, SHOWN_GROUPS).to_pylist()
     report = render_report(summary, table.num_rows, data.ref, group_by)
@@ -31,16 +30,16 @@ def subflow(data: Dataset, out: Out, group_by: str = "species") -> Output:
     )
 
 
-def summarise(parquet: pq.ParquetFile, group_by: str) -> pa.Table:
+def summarise(data: Dataset, group_by: str) -> pa.Table:
     """Per group: the row count and the mean of every other column, batch by batch."""
-    columns = parquet.schema_arrow.names
+    columns = data.schema.names
     if group_by not in columns:
         raise ValueError(f"group column {group_by!r} not in the data (columns: {columns})")
     measures = [c for c in columns if c != group_by]
     if not measures:
         raise ValueError(f"no measurement columns besides {group_by!r}")
     partials, offset = [], 0
-    for batch in batches(parquet):
+    for batch in data.batches():
         table = pa.Table.from_batches([batch])
         for name in measures:
             table = table.set_column(table.schema.get_field_index(name), name, numeric(table[name], name, offset))

@@ -11,7 +11,7 @@ from prefect import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from conftest import IRIS, IRIS_SETOSA
-from stepkit import DataRef, write_parquet
+from stepkit import DataRef, Dataset, dataset_of, write_parquet
 from subflow import subflow as component
 
 
@@ -20,8 +20,9 @@ def store(table: pa.Table, path: Path) -> DataRef:
     return write_parquet(table, f"file://{path}")
 
 
-def parquet(ref: DataRef) -> pq.ParquetFile:
-    return pq.ParquetFile(ref["uri"].removeprefix("file://"))
+def summarise(ref: DataRef, group_by: str) -> pa.Table:
+    with Dataset.open(ref) as data:
+        return component.summarise(data, group_by)
 
 
 @pytest.fixture
@@ -30,11 +31,19 @@ def iris(tmp_path) -> DataRef:
 
 
 def test_summarise_real_iris_data(iris):
-    summary = component.summarise(parquet(iris), "species").to_pylist()
+    summary = summarise(iris, "species").to_pylist()
     assert [group["species"] for group in summary] == ["setosa", "versicolor", "virginica"]
     assert summary[0] == IRIS_SETOSA
     assert summary[2]["mean_petal_length"] == 5.552
     assert sum(group["count"] for group in summary) == 150
+
+
+def test_a_dataset_of_parts_summarises_as_the_whole(iris, tmp_path):
+    table = pacsv.read_csv(IRIS)
+    parts = [
+        store(table.slice(start, 40), tmp_path / "runs" / "r1" / f"part-{start}.parquet") for start in (0, 40, 80, 120)
+    ]
+    assert summarise(dataset_of(parts), "species") == summarise(iris, "species")
 
 
 @pytest.mark.parametrize(
@@ -52,12 +61,12 @@ def test_summarise_real_iris_data(iris):
 def test_summarise_rejects_bad_data_with_a_clear_message(tmp_path, table, group_by, message):
     ref = store(pa.table(table), tmp_path / "x.parquet")
     with pytest.raises(ValueError, match=message):
-        component.summarise(parquet(ref), group_by)
+        summarise(ref, group_by)
 
 
 def test_numbers_stored_as_text_are_accepted(tmp_path):
     ref = store(pa.table({"g": ["a", "a"], "v": ["1.5", " 2e0 "]}), tmp_path / "x.parquet")
-    assert component.summarise(parquet(ref), "g").to_pylist() == [{"g": "a", "count": 2, "mean_v": 1.75}]
+    assert summarise(ref, "g").to_pylist() == [{"g": "a", "count": 2, "mean_v": 1.75}]
 
 
 def test_flow_stores_the_summary_and_publishes_a_bounded_variable(prefect_api, run_dir):

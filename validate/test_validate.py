@@ -4,14 +4,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 import pytest
 import yaml
 from prefect import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from conftest import IRIS, ROOT
-from stepkit import DataRef, write_parquet
+from stepkit import DataRef, Dataset, write_parquet
 from validate import validate as component
 
 # The schema the pipeline declares in prefect.yaml, so the test checks the real declaration.
@@ -26,7 +25,8 @@ def store(table: pa.Table, path: Path) -> DataRef:
 
 
 def check(ref: DataRef) -> list[dict]:
-    return component.check(pq.ParquetFile(ref["uri"].removeprefix("file://")), component.to_pandera(SCHEMA))
+    with Dataset.open(ref) as data:
+        return component.check(data, component.to_pandera(SCHEMA))
 
 
 def test_the_declared_schema_admits_the_iris_data(tmp_path):

@@ -3,11 +3,10 @@
 from typing import Any, Literal, NotRequired
 
 import pandera.pandas as pa
-import pyarrow.parquet as pq
 from tabulate import tabulate
 from typing_extensions import TypedDict  # pydantic needs it for parameters on Python 3.11
 
-from stepkit import DataRef, Dataset, Output, StepFailed, batches, step
+from stepkit import DataRef, Dataset, Output, StepFailed, step
 
 SHOWN_FAILURES = 20  # failure cases in the error and the report
 BATCH_BYTES = 8 << 20  # Arrow bytes per batch: pandas needs several times as much
@@ -28,7 +27,7 @@ class ColumnRule(TypedDict):
 @step
 def validate(data: Dataset, columns: dict[str, ColumnRule]) -> Output:
     """Check every row of `data` against the declared `columns`; pass `data` on when it holds."""
-    failures = check(data.parquet(), to_pandera(columns))
+    failures = check(data, to_pandera(columns))
     # In the data's column order: a schema that comes back from the API has lost its key order.
     ref = data.ref
     names = [c for c in ref["columns"] if c in columns] + [c for c in columns if c not in ref["columns"]]
@@ -63,11 +62,11 @@ def to_pandera(schema: dict[str, ColumnRule]) -> pa.DataFrameSchema:
     return pa.DataFrameSchema(columns)
 
 
-def check(parquet: pq.ParquetFile, schema: pa.DataFrameSchema) -> list[dict[str, Any]]:
+def check(data: Dataset, schema: pa.DataFrameSchema) -> list[dict[str, Any]]:
     """Every failure case, batch by batch, up to MAX_FAILURES."""
     failures: list[dict[str, Any]] = []
     offset = 0
-    for batch in batches(parquet, BATCH_BYTES):
+    for batch in data.batches(BATCH_BYTES):
         try:
             schema.validate(batch.to_pandas(), lazy=True)
         except pa.errors.SchemaErrors as exc:
