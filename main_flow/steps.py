@@ -13,6 +13,7 @@ from uuid import UUID
 import anyio
 from prefect import get_client, get_run_logger
 from prefect.client.schemas.objects import TERMINAL_STATES, FlowRun
+from prefect.client.schemas.responses import DeploymentResponse
 from prefect.deployments import run_deployment
 from prefect.events.clients import PrefectEventSubscriber, get_events_subscriber
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
@@ -118,7 +119,7 @@ class Limits:
     at_once: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # each task is its own: hashed by identity
 class Task:
     """One child run to make: a step, or one partition of a mapped step, on its input."""
 
@@ -151,7 +152,8 @@ def run_group(
             tasks.append(Task(name, data, layout.step(name)))
         else:
             tasks += [Task(name, d, layout.step(name, i), i, len(mapped)) for i, d in enumerate(mapped)]
-    keys = {task: step_key(task.step, task.data, images.get(task.step)) for task in tasks}
+    deployments = {name: deployment(name) for name in group}
+    keys = {task: step_key(task.step, deployments[task.step], task.data, images.get(task.step)) for task in tasks}
     hits = {task: entry for task in tasks if (entry := policy.lookup(task.step, keys[task]))}
     for task, entry in hits.items():
         get_run_logger().info("step %s: cached from run %s, not started", task, entry["run"])
@@ -224,18 +226,21 @@ def run_tasks(
     return results
 
 
-def step_key(name: str, data: DataRef, image: str | None) -> str | None:
-    """The cache key of step `name` on `data`: its image digest (`image` pins one: a replay) and
-    its deployment's parameters, as the server has them now."""
+def deployment(name: str) -> DeploymentResponse:
+    """Step `name`'s deployment, as the server has it now."""
     with get_client(sync_client=True) as client:
         try:
-            deployment = client.read_deployment_by_name(name)
+            return client.read_deployment_by_name(name)
         except ObjectNotFound as exc:
             raise PipelineError(
                 f"deployment {name!r} not found: register it with `prefect deploy --name {name.split('/')[1]}`"
             ) from exc
-    image = image or deployment.job_variables.get("image", "")
-    return cache.key(name, image, deployment.parameters, [data["sha256"]])
+
+
+def step_key(name: str, step: DeploymentResponse, data: DataRef, image: str | None) -> str | None:
+    """The cache key of step `name` on `data`: its image digest (`image` pins one: a replay) and
+    its deployment's parameters."""
+    return cache.key(name, image or step.job_variables.get("image", ""), step.parameters, [data["sha256"]])
 
 
 def start_step(name: str, data: DataRef, out: str, image: str | None) -> FlowRun:
