@@ -1,7 +1,11 @@
 """The step cache on the real stack: an unchanged run starts no step, a deleted output or
-`refresh` recomputes, a changed source recomputes everything, and two identical runs at once
-both end correct. (Resume after a fix and redeploy: tests/test_redeploy.py.)"""
+`refresh` recomputes, a changed source recomputes everything, two identical runs at once both
+end correct, and a resume of a mapped step recomputes only its failed partition. (Resume after a
+fix and redeploy: tests/test_redeploy.py.)"""
 
+import re
+
+import pyarrow as pa
 import pytest
 from harness import SETTINGS, expected_summary, iris_like, write_csv
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
@@ -10,6 +14,7 @@ pytestmark = pytest.mark.e2e
 
 STEPS = ("validate/validate", "subflow/subflow")
 KEY = "pipeline-output"  # the main flow's artifact
+MAPPED = [{"step": "validate/validate", "partitions": 4}, "subflow/subflow"]
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +83,20 @@ def test_a_changed_source_recomputes_and_two_identical_runs_at_once_end_correct(
         assert set(output["cached"].values()) <= {str(other.id)}  # nothing from before the change
         assert output["input"]["rows"] == 3_000
         assert_correct(output, table)
+
+
+def test_a_failed_partition_is_named_and_a_resume_recomputes_only_it(stack, serve, tmp_path):
+    """validate mapped over 4 partitions of 100 rows; a bad row in the last one fails it, naming
+    the partition and its run. The others finished and were recorded: a resume starts only it."""
+    table = iris_like(400, seed=19)
+    lengths = table["sepal_length"].to_pylist()
+    bad = table.set_column(0, "sepal_length", pa.array([*lengths[:350], -1.0, *lengths[351:]]))
+    source = serve("mapped-bad.csv", write_csv(bad, tmp_path / "bad.csv").read_bytes())
+    failed = stack.run("main-flow/main", source=source, steps=MAPPED, part_rows=100)
+    message = r"step validate/validate partition 4 of 4 \(run '[\w-]+'\) ended Failed: validation failed .*-1\.0"
+    assert failed.state.is_failed() and re.search(message, failed.state.message), failed.state
+    assert len(stack.children(failed.id)) == 4  # its 4 partitions, and no subflow
+    again = stack.run("main-flow/main", resume_from=str(failed.id), refresh=[])
+    assert again.state.is_failed() and re.search(message, again.state.message), again.state
+    (rerun,) = stack.children(again.id)
+    assert rerun.parameters["data"]["uri"].endswith(f"/runs/{failed.id}/input/part-00003.parquet")
