@@ -21,6 +21,9 @@ components on process workers (bench/compose.baseline.yml, bench/prefect.yaml). 
   polling     latency and the server's idle CPU at other worker query intervals (--intervals)
   sizes       1k to 10M random rows over HTTP, file and S3 store (docker design): trigger to
               completed and each flow container's peak memory; a chart, bench/sizes.png
+  mapped      validate mapped over 1, 2 and 4 partitions of 10M rows (one CPU per flow container,
+              as always): the step's wall time and the speedup; the same on 1,000 rows, where a
+              partition does almost no work, is what partitions cost; a chart, bench/mapped.png
   throughput  N pipeline runs created at once: wall time, all correct, 503s in the server log
   redeploy    `prefect deploy --name subflow` after a one-line change
 
@@ -362,6 +365,29 @@ def sizes(rows: list[int], runs: int) -> dict[str, Any]:
     return result
 
 
+def mapped(rows: int, partitions: list[int], runs: int) -> dict[str, Any]:
+    """validate's wall time mapped over each number of `partitions`, on `rows` rows and on 1,000
+    rows, runs alternating; the input ingested once, in max(partitions) parts, then replayed."""
+    result: dict[str, Any] = {}
+    for n in dict.fromkeys([rows, 1_000]):
+        source = serve(f"rows{n}.csv", n)
+        part_rows = -(-n // max(partitions))  # so that the input has max(partitions) parts
+        ingested = BENCH.run(DESIGNS["docker"], source=source, steps=[], part_rows=part_rows, timeout=3600)
+        assert ingested.state.is_completed(), ingested.state
+        data = BENCH.output(ingested)["input"]
+        samples: dict[int, list[float]] = {p: [] for p in partitions}
+        for _ in range(runs):
+            for p in partitions:
+                steps = [{"step": "validate/validate", "partitions": p}]
+                run = BENCH.run(DESIGNS["docker"], data=data, steps=steps, timeout=3600)
+                assert run.state.is_completed(), run.state
+                step = BENCH.output(run)["results"]["validate/validate"]
+                assert len(step["partitions"]) == p and step["output"]["rows"] == n, step["summary"]
+                samples[p].append(step["seconds"])
+        result[str(n)] = {str(p): spread(seconds) for p, seconds in samples.items()}
+    return result
+
+
 def server_503s(since: datetime) -> int:
     logs = BENCH.compose("logs", "--no-log-prefix", "--since", since.isoformat(), "prefect-server").stdout
     return sum(
@@ -497,6 +523,17 @@ def report(results: dict[str, Any]) -> str:
                 ok = f"{sum(s['correct'] for s in samples)}/{len(samples)}"
                 lines.append(f"| {int(n):,} | {store} | {mb} | {seconds} | {peak} | {ok} |")
         lines.append("")
+    if "mapped" in results:
+        by_rows = results["mapped"]
+        big, tiny = max(by_rows, key=int), min(by_rows, key=int)
+        lines += [
+            f"| partitions | validate on {int(big):,} rows (s) | speedup | on {int(tiny):,} rows: overhead (s) |",
+            "| --- | --- | --- | --- |",
+        ]
+        one = by_rows[big]["1"]["median"]
+        for p, seconds in by_rows[big].items():
+            lines.append(f"| {p} | {fmt(seconds)} | {one / seconds['median']:.2f} | {fmt(by_rows[tiny][p])} |")
+        lines.append("")
     if results.get("redeploy"):
         lines.append(f"redeploy subflow after a one-line change: {fmt(results['redeploy'], 1)} s")
     return "\n".join(lines)
@@ -537,7 +574,32 @@ def chart(sizes_: dict[str, Any], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-STAGES = ["floor", "latency", "cached", "cpu", "polling", "sizes", "throughput", "redeploy"]
+def mapped_chart(by_rows: dict[str, Any], path: Path) -> None:
+    """Speedup and wall time against partitions: bench/mapped.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    big, tiny = max(by_rows, key=int), min(by_rows, key=int)
+    partitions = [int(p) for p in by_rows[big]]
+    seconds = {n: [by_rows[n][str(p)]["median"] for p in partitions] for n in (big, tiny)}
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    left.plot(partitions, [seconds[big][0] / s for s in seconds[big]], marker="o", label=f"{int(big):,} rows")
+    left.plot(partitions, partitions, color="grey", linestyle="--", linewidth=1, label="ideal")
+    left.set(xlabel="partitions", ylabel="speedup of the mapped step", title="Speedup (one CPU per container)")
+    for n in (big, tiny):
+        right.plot(partitions, seconds[n], marker="o", label=f"{int(n):,} rows")
+    right.set(xlabel="partitions", ylabel="validate wall time (s)", title="Mapped step wall time", yscale="log")
+    for axis in (left, right):
+        axis.set_xticks(partitions)
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+STAGES = ["floor", "latency", "cached", "cpu", "polling", "sizes", "mapped", "throughput", "redeploy"]
 
 
 def main() -> None:
@@ -545,6 +607,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="latency and CPU runs per design")
     parser.add_argument("--rows", type=int, nargs="*", default=[1_000, 100_000, 1_000_000, 10_000_000])
     parser.add_argument("--size-runs", type=int, default=3)
+    parser.add_argument("--mapped-rows", type=int, default=10_000_000)
+    parser.add_argument("--partitions", type=int, nargs="*", default=[1, 2, 4])
     parser.add_argument("--concurrency", type=int, nargs="*", default=[10, 50])
     parser.add_argument("--redeploys", type=int, default=3)
     parser.add_argument("--before", metavar="REF", help="also time the main flow as of this git ref")
@@ -557,6 +621,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.runs, args.rows, args.size_runs, args.concurrency, args.redeploys = 1, [1_000], 1, [2], 1
+        args.mapped_rows, args.partitions = 1_000, [1, 2]
         args.intervals = [1.0]
 
     setup()
@@ -574,6 +639,7 @@ def main() -> None:
             ("cpu", lambda: cpu(args.runs, idle_s=5 if args.smoke else 30)),
             ("polling", lambda: polling(args.runs, args.intervals, idle_s=5 if args.smoke else 30)),
             ("sizes", lambda: sizes(args.rows, args.size_runs)),
+            ("mapped", lambda: mapped(args.mapped_rows, args.partitions, args.size_runs)),
             ("throughput", lambda: throughput(args.concurrency)),
             ("redeploy", lambda: redeploy(args.redeploys)),
         ]
@@ -583,11 +649,13 @@ def main() -> None:
             args.out.write_text(json.dumps(results, indent=2, default=str))  # what is done survives
         if "sizes" in results:
             chart(results["sizes"], args.chart)
+        if "mapped" in results:
+            mapped_chart(results["mapped"], args.chart.with_name("mapped.png"))
     finally:
         if not args.keep:
             BENCH.down()
     print(report(results))
-    print(f"\nresults: {args.out}, chart: {args.chart}")
+    print(f"\nresults: {args.out}, charts: {args.chart}, {args.chart.with_name('mapped.png')}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""Outgrowing one machine: a worker on a second Docker engine runs the subflow from the registry
-and the s3:// store, and the same deployments render for a Kubernetes work pool."""
+"""Outgrowing one machine: a step mapped over partitions runs on workers of two Docker engines,
+from the registry and the s3:// store, and the same deployments render for a Kubernetes work pool."""
 
 import asyncio
 import json
+import operator
 import os
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from prefect.client.schemas.objects import FlowRun
 pytestmark = pytest.mark.e2e
 
 BRIDGE = "pipeline-e2"  # the second engine's own bridge: --bridge=none would delete docker0
+MAPPED = [{"step": "validate/validate", "partitions": 4}, "subflow/subflow"]
 
 
 class Engine:
@@ -109,6 +111,7 @@ def remote_worker(s3_stack, engine, tmp_path_factory):
         "FLOW_API_URL": f"http://127.0.0.1:{s3_stack.prefect_port + 1}/api",
         "AWS_ENDPOINT_URL": s3_stack.s3_url,
         "COMPOSE_PROJECT_NAME": "pipeline-worker-e2e",
+        "WORKER_LIMIT": "2",  # so 4 partitions cannot all go to one host
     }
     compose = ["docker", "compose", "-f", "worker/compose.yml"]
     # Built with the host's network: the second engine's bridge has no NAT to reach PyPI.
@@ -131,11 +134,36 @@ def remote_worker(s3_stack, engine, tmp_path_factory):
     subprocess.run([*compose, "down", "-v"], cwd=ROOT, env=env, capture_output=True, timeout=300)
 
 
-def on_remote_pool(directory: Path) -> Path:
-    """A project copy whose subflow runs on the remote pool: the one-line change of the recipe."""
+@pytest.fixture(scope="module")
+def worker_here(remote_worker):
+    """worker/compose.yml on this machine's engine too: the remote pool then has a worker on each
+    of two hosts, as the README's fan-out recipe runs one per host."""
+    env = {**remote_worker, "DOCKER_SOCKET": "/var/run/docker.sock", "COMPOSE_PROJECT_NAME": "pipeline-worker-e2e-here"}
+    env.pop("DOCKER_HOST")
+    compose = ["docker", "compose", "-f", "worker/compose.yml"]
+    up = subprocess.run(
+        [*compose, "up", "-d", "--build", "--wait"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert up.returncode == 0, up.stdout + up.stderr
+    yield
+    subprocess.run([*compose, "down", "-v"], cwd=ROOT, env=env, capture_output=True, timeout=300)
+
+
+def started_on(docker: list[str], run_id: object) -> bool:
+    """Whether the engine that `docker` talks to started a container of flow run `run_id`."""
+    events = subprocess.run(
+        [*docker, "events", "--since", "30m", "--until", "0s", "--filter", "event=start",
+         "--filter", f"label=io.prefect.flow-run-id={run_id}"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    return bool(events.stdout.strip())
+
+
+def on_remote_pool(directory: Path, component: str) -> Path:
+    """A project copy whose `component` runs on the remote pool: the one-line change of the recipe."""
     project = project_copy(directory)
     text = (project / "prefect.yaml").read_text()
-    block = "    entrypoint: subflow/subflow.py:subflow\n"
+    block = f"    entrypoint: {component}/{component}.py:{component}\n"
     start = text.index(block)
     end = text.index("    work_pool: *subflow_pool\n", start)
     (project / "prefect.yaml").write_text(
@@ -144,40 +172,36 @@ def on_remote_pool(directory: Path) -> Path:
     return project
 
 
-def test_a_subflow_on_a_second_docker_engine_gives_the_same_output(s3_stack, engine, remote_worker, tmp_path):
+def test_a_step_mapped_over_workers_on_two_docker_engines_gives_the_unmapped_output(
+    s3_stack, engine, remote_worker, worker_here, tmp_path
+):
     stack = s3_stack
-    here = stack.run("main-flow/main")
+    here = stack.run("main-flow/main")  # unmapped, on this host's pools
     assert here.state.is_completed(), here.state
-    image = stack.deployment("subflow/subflow").job_variables["image"]
+    image = stack.deployment("validate/validate").job_variables["image"]
     assert engine.docker("image", "inspect", image, check=False).returncode != 0  # no shared images
-    stack.deploy("subflow", cwd=on_remote_pool(tmp_path))
+    stack.deploy("validate", cwd=on_remote_pool(tmp_path, "validate"))
     try:
-        assert stack.deployment("subflow/subflow").work_pool_name == SETTINGS["REMOTE_POOL"]
-        there = stack.run("main-flow/main")
+        assert stack.deployment("validate/validate").work_pool_name == SETTINGS["REMOTE_POOL"]
+        there = stack.run("main-flow/main", steps=MAPPED, part_rows=40)
     finally:
-        stack.deploy("subflow")
+        stack.deploy("validate")
     assert there.state.is_completed(), there.state
-    subflow = stack.child(there.id, "subflow")
-    assert subflow.work_pool_name == SETTINGS["REMOTE_POOL"]
-    # The second engine pulled the image from the registry and ran the subflow's container.
+    partitions = [run for run in stack.children(there.id) if stack.flow_name(run) == "validate"]
+    assert len(partitions) == 4 and {run.work_pool_name for run in partitions} == {SETTINGS["REMOTE_POOL"]}
+    second = ["docker", "-H", f"unix://{engine.socket}"]
+    on_second = [started_on(second, run.id) for run in partitions]
+    on_first = [started_on(["docker"], run.id) for run in partitions]
+    assert any(on_second) and any(on_first) and all(map(operator.xor, on_first, on_second)), (on_first, on_second)
+    # The second engine pulled the image from the registry to run its partitions.
     assert engine.docker("image", "inspect", image, check=False).returncode == 0
-    events = engine.docker(
-        "events",
-        "--since",
-        "30m",
-        "--until",
-        "0s",
-        "--filter",
-        "event=start",
-        "--filter",
-        f"label=io.prefect.flow-run-id={subflow.id}",
-    )
-    assert events.stdout.strip(), "no container of the subflow run started on the second engine"
     before, after = stack.output(here), stack.output(there)
-    assert after["input"]["sha256"] == before["input"]["sha256"]
-    for name in before["results"]:
-        assert after["results"][name]["summary"] == before["results"][name]["summary"]
-        assert after["results"][name]["image"] == before["results"][name]["image"]
+    mapped = after["results"]["validate/validate"]
+    assert [p["rows"] for p in mapped["output"]["parts"]] == [40, 40, 40, 30]
+    assert mapped["output"]["parts"] == after["input"]["parts"]  # validate passes its input on, part for part
+    summary, unmapped = after["results"]["subflow/subflow"], before["results"]["subflow/subflow"]
+    assert summary["summary"] == unmapped["summary"]
+    assert summary["output"]["sha256"] == unmapped["output"]["sha256"]  # the same summary, byte for byte
 
 
 def test_a_worker_that_cannot_reach_the_api_fails_fast_with_the_cause(remote_worker):
