@@ -65,7 +65,7 @@ def test_each_flow_ran_in_its_own_container_from_its_own_image(stack, pipeline_r
 def test_data_travels_by_reference_and_lands_in_the_run_directory(stack, pipeline_run):
     main, output, _ = pipeline_run
     run_dir = stack.layout(main.id).dir
-    assert output["input"]["uri"] == f"{run_dir}/input.parquet"
+    assert output["input"]["uri"] == f"{run_dir}/input/part-00000.parquet"  # one part: under part_rows
     assert output["input"]["rows"] == 150 and output["input"]["columns"][-1] == "species"
     validate, subflow = output["results"]["validate/validate"], output["results"]["subflow/subflow"]
     assert validate["output"] == output["input"]  # validated data passes on unchanged

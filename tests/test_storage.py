@@ -43,7 +43,7 @@ def file_mode(stack, dataset):
 def test_100k_rows_by_reference_in_file_mode(stack, dataset, file_mode):
     _, expected = dataset
     run, output = file_mode
-    assert output["input"]["uri"] == f"{SETTINGS['PIPELINE_DATA_URL']}/runs/{run.id}/input.parquet"
+    assert output["input"]["uri"] == f"{SETTINGS['PIPELINE_DATA_URL']}/runs/{run.id}/input/part-00000.parquet"
     assert output["input"]["rows"] == ROWS
     subflow = output["results"]["subflow/subflow"]
     assert subflow["rows"] == ROWS and sum(g["count"] for g in subflow["summary"]) == ROWS
@@ -103,7 +103,7 @@ def test_s3_mode_gives_the_same_output_as_file_mode(stack, dataset, file_mode, s
     assert run.state.is_completed(), run.state
     output = stack.output(run)
     prefix = f"s3://pipeline/data/runs/{run.id}"
-    assert output["input"]["uri"] == f"{prefix}/input.parquet"
+    assert output["input"]["uri"] == f"{prefix}/input/part-00000.parquet"
     assert output["results"]["subflow/subflow"]["output"]["uri"] == f"{prefix}/subflow/summary.parquet"
     for key in ("rows", "columns", "sha256", "bytes"):  # the same Parquet, byte for byte
         assert output["input"][key] == file_output["input"][key]
@@ -111,7 +111,7 @@ def test_s3_mode_gives_the_same_output_as_file_mode(stack, dataset, file_mode, s
         assert result["summary"] == file_output["results"][name]["summary"]
     objects = stack.s3().find(f"pipeline/data/runs/{run.id}")
     assert sorted(o.rsplit(f"{run.id}/", 1)[1] for o in objects) == [
-        "input.parquet", "output.json", "subflow/summary.parquet"
+        "input/part-00000.parquet", "output.json", "subflow/summary.parquet"
     ]  # fmt: skip
     assert stack.s3().find("pipeline/data/results")  # Prefect's results went to the same store
     assert not stack.exists(f"{SETTINGS['PIPELINE_DATA_URL']}/runs/{run.id}")
