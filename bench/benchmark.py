@@ -22,8 +22,9 @@ components on process workers (bench/compose.baseline.yml, bench/prefect.yaml). 
   sizes       1k to 10M random rows over HTTP, file and S3 store (docker design): trigger to
               completed and each flow container's peak memory; a chart, bench/sizes.png
   mapped      validate mapped over 1, 2 and 4 partitions of 10M rows (one CPU per flow container,
-              as always): the step's wall time and the speedup; the same on 1,000 rows, where a
-              partition does almost no work, is what partitions cost; a chart, bench/mapped.png
+              as always), then subflow: the step's wall time and the speedup, every summary the
+              same; the same on 1,000 rows, where a partition does almost no work, is what
+              partitions cost; a chart, bench/mapped.png
   throughput  N pipeline runs created at once: wall time, all correct, 503s in the server log
   redeploy    `prefect deploy --name subflow` after a one-line change
 
@@ -366,24 +367,29 @@ def sizes(rows: list[int], runs: int) -> dict[str, Any]:
 
 
 def mapped(rows: int, partitions: list[int], runs: int) -> dict[str, Any]:
-    """validate's wall time mapped over each number of `partitions`, on `rows` rows and on 1,000
-    rows, runs alternating; the input ingested once, in max(partitions) parts, then replayed."""
+    """validate's wall time mapped over each number of `partitions`, then subflow, on `rows` rows
+    and on 1,000 rows, runs alternating; the input ingested once, in max(partitions) parts, then
+    replayed. Every run's summary must be the same, byte for byte (and the expected one to 1M rows)."""
     result: dict[str, Any] = {}
     for n in dict.fromkeys([rows, 1_000]):
         source = serve(f"rows{n}.csv", n)
         part_rows = -(-n // max(partitions))  # so that the input has max(partitions) parts
         ingested = BENCH.run(DESIGNS["docker"], source=source, steps=[], part_rows=part_rows, timeout=3600)
         assert ingested.state.is_completed(), ingested.state
-        data = BENCH.output(ingested)["input"]
+        data, summaries = BENCH.output(ingested)["input"], set()
+        expected = expected_summary(iris_like(n, seed=n)) if n <= 1_000_000 else None
         samples: dict[int, list[float]] = {p: [] for p in partitions}
         for _ in range(runs):
             for p in partitions:
-                steps = [{"step": "validate/validate", "partitions": p}]
+                steps = [{"step": "validate/validate", "partitions": p}, "subflow/subflow"]
                 run = BENCH.run(DESIGNS["docker"], data=data, steps=steps, timeout=3600)
-                assert run.state.is_completed(), run.state
-                step = BENCH.output(run)["results"]["validate/validate"]
+                assert run.state.is_completed() and (expected is None or correct(run, expected)), run.state
+                results = BENCH.output(run)["results"]
+                step = results["validate/validate"]
                 assert len(step["partitions"]) == p and step["output"]["rows"] == n, step["summary"]
                 samples[p].append(step["seconds"])
+                summaries.add(results["subflow/subflow"]["output"]["sha256"])
+        assert len(summaries) == 1, f"{n} rows: the summary differs between partition counts"
         result[str(n)] = {str(p): spread(seconds) for p, seconds in samples.items()}
     return result
 

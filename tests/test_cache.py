@@ -86,16 +86,20 @@ def test_a_changed_source_recomputes_and_two_identical_runs_at_once_end_correct(
 
 
 def test_a_failed_partition_is_named_and_a_resume_recomputes_only_it(stack, serve, tmp_path):
-    """validate mapped over 4 partitions of 100 rows; a bad row in the last one fails it, naming
-    the partition and its run. The others finished and were recorded: a resume starts only it."""
+    """validate mapped over 4 partitions of 100 rows, 2 at once; a bad row in the last one fails
+    it, naming the partition and its run. The others finished and were recorded: a resume starts
+    only it."""
     table = iris_like(400, seed=19)
     lengths = table["sepal_length"].to_pylist()
     bad = table.set_column(0, "sepal_length", pa.array([*lengths[:350], -1.0, *lengths[351:]]))
     source = serve("mapped-bad.csv", write_csv(bad, tmp_path / "bad.csv").read_bytes())
-    failed = stack.run("main-flow/main", source=source, steps=MAPPED, part_rows=100)
+    failed = stack.run("main-flow/main", source=source, steps=MAPPED, part_rows=100, partitions_at_once=2)
     message = r"step validate/validate partition 4 of 4 \(run '[\w-]+'\) ended.*'-1\.0' at row 50"  # of the partition
     assert failed.state.is_failed() and re.search(message, failed.state.message), failed.state
-    assert len(stack.children(failed.id)) == 4  # its 4 partitions, and no subflow
+    partitions = stack.children(failed.id)
+    assert len(partitions) == 4  # and no subflow
+    at_once = [sum(r.start_time <= run.start_time < r.end_time for r in partitions) for run in partitions]
+    assert max(at_once) == 2, at_once  # partitions_at_once
     again = stack.run("main-flow/main", resume_from=str(failed.id), refresh=[])
     assert again.state.is_failed() and re.search(message, again.state.message), again.state
     (rerun,) = stack.children(again.id)
