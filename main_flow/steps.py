@@ -184,7 +184,7 @@ def gathered(name: str, tasks: list[Task], results: dict[Task, dict[str, Any]], 
         ),
         "image": done[0]["image"],
         "partitions": done,
-        "seconds": round(time.monotonic() - began, 3),  # the step's wall time: first start to last end
+        "seconds": round(time.monotonic() - began, 3),  # wall time, from the group's start to its end
     }
     if all("cached_from" in r for r in done):
         result["cached_from"] = done[0]["cached_from"]
@@ -199,9 +199,15 @@ def run_tasks(
     started; those running finish (and are recorded, so a re-run computes only what failed)."""
     deadline = time.monotonic() + limits.timeout_s
     queue, running, results, failed = list(tasks), {}, {}, []
+
+    def ready() -> Task | None:
+        """The first queued task whose step has fewer than `at_once` runs going."""
+        busy = [t.step for t in running.values()]
+        return next((t for t in queue if busy.count(t.step) < limits.at_once), None)
+
     while queue or running:
-        while queue and not failed and sum(t.step == queue[0].step for t in running.values()) < limits.at_once:
-            task = queue.pop(0)
+        while not failed and (task := ready()):
+            queue.remove(task)
             running[start_step(task.step, task.data, task.out, images.get(task.step)).id] = task
         if not running:
             break
