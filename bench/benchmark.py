@@ -21,8 +21,8 @@ components on process workers (bench/compose.baseline.yml, bench/prefect.yaml). 
   polling     latency and the server's idle CPU at other worker query intervals (--intervals)
   sizes       1k to 10M random rows over HTTP, file and S3 store (docker design): trigger to
               completed and each flow container's peak memory; a chart, bench/sizes.png
-  mapped      validate mapped over 1, 2 and 4 partitions of 10M rows (one CPU per flow container,
-              as always), then subflow: the step's wall time and the speedup, every summary the
+  mapped      validate mapped over 1, 2 and 4 partitions of 10M and 50M rows (one CPU per flow
+              container, as always), then subflow: the step's wall time and the speedup, every summary the
               same; the same on 1,000 rows, where a partition does almost no work, is what
               partitions cost; a chart, bench/mapped.png
   throughput  N pipeline runs created at once: wall time, all correct, 503s in the server log
@@ -366,19 +366,20 @@ def sizes(rows: list[int], runs: int) -> dict[str, Any]:
     return result
 
 
-def mapped(rows: int, partitions: list[int], runs: int) -> dict[str, Any]:
-    """validate's wall time mapped over each number of `partitions`, then subflow, on `rows` rows
-    and on 1,000 rows, runs alternating; the input ingested once, in max(partitions) parts, then
-    replayed. Every run's summary must be the same, byte for byte (and the expected one to 1M rows)."""
+def mapped(rows: list[int], partitions: list[int], runs: int) -> dict[str, Any]:
+    """validate's wall time mapped over each number of `partitions`, then subflow, on each of
+    `rows` rows and on 1,000 rows, runs alternating; each input ingested once, in max(partitions)
+    parts, then replayed. Every run's summary must be the same, byte for byte (and the expected
+    one up to 1M rows)."""
     result: dict[str, Any] = {}
-    for n in dict.fromkeys([rows, 1_000]):
+    for n in dict.fromkeys([*rows, 1_000]):
         source = serve(f"rows{n}.csv", n)
         part_rows = -(-n // max(partitions))  # so that the input has max(partitions) parts
         ingested = BENCH.run(DESIGNS["docker"], source=source, steps=[], part_rows=part_rows, timeout=3600)
         assert ingested.state.is_completed(), ingested.state
         data, summaries = BENCH.output(ingested)["input"], set()
         expected = expected_summary(iris_like(n, seed=n)) if n <= 1_000_000 else None
-        samples: dict[int, list[float]] = {p: [] for p in partitions}
+        samples: dict[int, list[dict[str, float]]] = {p: [] for p in partitions}
         for _ in range(runs):
             for p in partitions:
                 steps = [{"step": "validate/validate", "partitions": p}, "subflow/subflow"]
@@ -387,10 +388,18 @@ def mapped(rows: int, partitions: list[int], runs: int) -> dict[str, Any]:
                 results = BENCH.output(run)["results"]
                 step = results["validate/validate"]
                 assert len(step["partitions"]) == p and step["output"]["rows"] == n, step["summary"]
-                samples[p].append(step["seconds"])
+                with BENCH.api() as client:  # where a partition's time goes: start (container, imports), work
+                    seen = [timestamps(client, r["flow_run_id"]) for r in step["partitions"]]
+                samples[p].append(
+                    {
+                        "seconds": step["seconds"],
+                        "scheduled to running": max(t["RUNNING"] - t["SCHEDULED"] for t in seen),
+                        "running to completed": max(t["COMPLETED"] - t["RUNNING"] for t in seen),
+                    }
+                )
                 summaries.add(results["subflow/subflow"]["output"]["sha256"])
         assert len(summaries) == 1, f"{n} rows: the summary differs between partition counts"
-        result[str(n)] = {str(p): spread(seconds) for p, seconds in samples.items()}
+        result[str(n)] = {str(p): {k: spread([x[k] for x in xs]) for k in xs[0]} for p, xs in samples.items()}
     return result
 
 
@@ -531,14 +540,17 @@ def report(results: dict[str, Any]) -> str:
         lines.append("")
     if "mapped" in results:
         by_rows = results["mapped"]
-        big, tiny = max(by_rows, key=int), min(by_rows, key=int)
+        sizes_ = sorted(by_rows, key=int, reverse=True)  # the smallest last: what partitions cost
         lines += [
-            f"| partitions | validate on {int(big):,} rows (s) | speedup | on {int(tiny):,} rows: overhead (s) |",
-            "| --- | --- | --- | --- |",
+            "| rows | partitions | validate wall (s) | speedup | slowest partition: to running, running (s) |",
+            "| --- | --- | --- | --- | --- |",
         ]
-        one = by_rows[big]["1"]["median"]
-        for p, seconds in by_rows[big].items():
-            lines.append(f"| {p} | {fmt(seconds)} | {one / seconds['median']:.2f} | {fmt(by_rows[tiny][p])} |")
+        for n in sizes_:
+            for p, figures in by_rows[n].items():
+                speedup = by_rows[n]["1"]["seconds"]["median"] / figures["seconds"]["median"]
+                start, work = figures["scheduled to running"]["median"], figures["running to completed"]["median"]
+                wall = fmt(figures["seconds"])
+                lines.append(f"| {int(n):,} | {p} | {wall} | {speedup:.2f}x | {start:.2f}, {work:.2f} |")
         lines.append("")
     if results.get("redeploy"):
         lines.append(f"redeploy subflow after a one-line change: {fmt(results['redeploy'], 1)} s")
@@ -587,15 +599,14 @@ def mapped_chart(by_rows: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    big, tiny = max(by_rows, key=int), min(by_rows, key=int)
-    partitions = [int(p) for p in by_rows[big]]
-    seconds = {n: [by_rows[n][str(p)]["median"] for p in partitions] for n in (big, tiny)}
+    partitions = [int(p) for p in next(iter(by_rows.values()))]
+    seconds = {n: [by_rows[n][str(p)]["seconds"]["median"] for p in partitions] for n in sorted(by_rows, key=int)}
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    left.plot(partitions, [seconds[big][0] / s for s in seconds[big]], marker="o", label=f"{int(big):,} rows")
+    for n, times in seconds.items():
+        left.plot(partitions, [times[0] / t for t in times], marker="o", label=f"{int(n):,} rows")
+        right.plot(partitions, times, marker="o", label=f"{int(n):,} rows")
     left.plot(partitions, partitions, color="grey", linestyle="--", linewidth=1, label="ideal")
     left.set(xlabel="partitions", ylabel="speedup of the mapped step", title="Speedup (one CPU per container)")
-    for n in (big, tiny):
-        right.plot(partitions, seconds[n], marker="o", label=f"{int(n):,} rows")
     right.set(xlabel="partitions", ylabel="validate wall time (s)", title="Mapped step wall time", yscale="log")
     for axis in (left, right):
         axis.set_xticks(partitions)
@@ -613,7 +624,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="latency and CPU runs per design")
     parser.add_argument("--rows", type=int, nargs="*", default=[1_000, 100_000, 1_000_000, 10_000_000])
     parser.add_argument("--size-runs", type=int, default=3)
-    parser.add_argument("--mapped-rows", type=int, default=10_000_000)
+    parser.add_argument("--mapped-rows", type=int, nargs="*", default=[10_000_000, 50_000_000])
     parser.add_argument("--partitions", type=int, nargs="*", default=[1, 2, 4])
     parser.add_argument("--concurrency", type=int, nargs="*", default=[10, 50])
     parser.add_argument("--redeploys", type=int, default=3)
@@ -627,7 +638,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.runs, args.rows, args.size_runs, args.concurrency, args.redeploys = 1, [1_000], 1, [2], 1
-        args.mapped_rows, args.partitions = 1_000, [1, 2]
+        args.mapped_rows, args.partitions = [1_000], [1, 2]
         args.intervals = [1.0]
 
     setup()

@@ -32,6 +32,6 @@ def test_benchmark_smoke(stack, tmp_path):
     assert all(sample["correct"] for store in results["sizes"].values() for s in store.values() for sample in s)
     assert results["redeploy"]["n"] == 1
     assert results["cached"]["trigger to completed"]["n"] == 1  # the stage asserts its run reused every step
-    assert [results["mapped"]["1000"][p]["n"] for p in ("1", "2")] == [1, 1]  # each run checked its partitions
+    assert [results["mapped"]["1000"][p]["seconds"]["n"] for p in ("1", "2")] == [1, 1]  # each run checked
     assert "| trigger to completed |" in proc.stdout and "| cached above the floor |" in proc.stdout
     assert chart.stat().st_size > 10_000 and chart.with_name("mapped.png").stat().st_size > 10_000
