@@ -128,6 +128,17 @@ def test_a_dataset_of_parts_reads_as_one_and_each_part_is_verified(prefect_api, 
         dataset_of([parts[0], {**parts[1], "columns": ["g"]}])
 
 
+def test_batches_are_sized_by_their_bytes_in_memory_even_when_parquet_encodes_them_small(tmp_path):
+    """Few distinct values: dictionary-encoded, 2M rows take under 4 MB in Parquet, 30 MB in memory."""
+    rows = 2_000_000
+    table = pa.table({"v": [float(i % 10) for i in range(rows)], "s": [("ab", "cdef")[i % 2] for i in range(rows)]})
+    pq.write_table(table, tmp_path / "t.parquet")
+    parquet = pq.ParquetFile(tmp_path / "t.parquet")
+    assert parquet.metadata.row_group(0).total_byte_size < 4 << 20 < table.nbytes // 4
+    sizes = [batch.nbytes for batch in stepkit.batches(parquet, max_bytes=4 << 20)]
+    assert len(sizes) >= 5 and max(sizes) <= 6 << 20, sizes
+
+
 def test_a_corrupt_input_fails_the_step_by_name_and_it_writes_nothing(prefect_api, counted, tmp_path):
     @step
     def copying(data: Dataset, out: stepkit.Out) -> Output:
