@@ -15,7 +15,18 @@ from pydantic import Field
 from main_flow import cache
 from main_flow.ingest import Settings, identity, ingest
 from main_flow.steps import Limits, registered_steps, run_steps, step_groups, step_options, uncached
-from stepkit import DataRef, RunLayout, StepName, Steps, atomic_write, redact, tag_run_with_image, usage, verify
+from stepkit import (
+    DataRef,
+    RunLayout,
+    StepName,
+    Steps,
+    atomic_write,
+    parts_of,
+    redact,
+    tag_run_with_image,
+    usage,
+    verify,
+)  # fmt: skip
 from stepkit.layout import confined, runs_root
 
 # What determines a run's results: what `resume_from` takes from the run it resumes. Limits and
@@ -68,7 +79,8 @@ def main_flow(
             data = ingest(source, layout.input, settings, max_bytes, fetch_timeout_s, max_columns, part_rows)
             policy.record(cache.INGEST, key, {"output": data})
     else:
-        confined(data["uri"], runs_root())  # a replay reads only what a run stored
+        for part in parts_of(data):
+            confined(part["uri"], runs_root())  # a replay reads only what a run stored
         verify(data)  # a replay: fail here, before any step runs, if the input is gone
     get_run_logger().info(
         "input: %d rows, %d bytes in %d part(s) at %s%s",

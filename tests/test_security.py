@@ -12,6 +12,8 @@ import pytest
 from harness import CI, PREFECT, ROOT, SETTINGS, Stack, wait_for
 from prefect.client.schemas.actions import WorkPoolUpdate
 
+from stepkit import dataset_of
+
 pytestmark = pytest.mark.e2e
 # Headless, and quiet: without the background-networking flags Chromium keeps dialling Google.
 CHROMIUM = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -116,11 +118,15 @@ def test_a_raw_api_run_outside_the_policy_crashes_without_a_container(stack, job
 
 
 def test_steps_and_the_main_flow_refuse_references_and_images_from_elsewhere(stack, stored_input):
-    """A step reads nothing outside the store's runs/ (here the API itself) and writes nowhere but
-    its run; the main flow runs no image of another registry."""
-    probe = {**stored_input, "uri": "http://gateway:4201/api/health"}
+    """A step reads nothing outside the store's runs/ (here the API itself, as a part of a dataset)
+    and writes nowhere but its run; the main flow replays no such input and runs no image of
+    another registry."""
+    probe = dataset_of([stored_input, {**stored_input, "uri": "http://gateway:4201/api/health"}])
     read = stack.run("subflow/subflow", data=probe, out=beside(stored_input, "probe"))
     assert read.state.is_failed() and "reference refused: http://gateway:4201/api/health" in read.state.message
+    replay = stack.run("main-flow/main", data=probe)
+    assert replay.state.is_failed() and "reference refused: http://gateway:4201/api/health" in replay.state.message
+    assert stack.children(replay.id) == []
     other = stack.layout(uuid.uuid4()).step("subflow")
     write = stack.run("subflow/subflow", data=stored_input, out=other)
     assert write.state.is_failed() and f"reference refused: {other} is not in this run's part" in write.state.message
