@@ -150,7 +150,9 @@ def worker_here(remote_worker):
 
 
 def submitted(env: dict[str, str]) -> str:
-    """What the worker of a worker/compose.yml project logged: `submitting flow run '<id>'` per run."""
+    """What the worker of a worker/compose.yml project logged, e.g. `Flow run '<name>' submitted to
+    infrastructure` once it started a run's container (two workers may both try to submit a run:
+    the server lets one, and the other logs `Aborted submission`)."""
     logs = ["docker", "compose", "-f", "worker/compose.yml", "logs", "worker"]
     return subprocess.run(logs, cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=60).stdout
 
@@ -185,10 +187,10 @@ def test_a_step_mapped_over_workers_on_two_docker_engines_gives_the_unmapped_out
     assert there.state.is_completed(), there.state
     partitions = [run for run in stack.children(there.id) if stack.flow_name(run) == "validate"]
     assert len(partitions) == 4 and {run.work_pool_name for run in partitions} == {SETTINGS["REMOTE_POOL"]}
-    # Each partition was submitted by one of the two hosts' workers, and each worker took some.
+    # Each partition ran on one of the two hosts, and each host ran some.
     first, second = submitted(worker_here), submitted(remote_worker)
-    on_first = [f"submitting flow run '{run.id}'" in first for run in partitions]
-    on_second = [f"submitting flow run '{run.id}'" in second for run in partitions]
+    on_first = [f"Flow run '{run.name}' submitted to infrastructure" in first for run in partitions]
+    on_second = [f"Flow run '{run.name}' submitted to infrastructure" in second for run in partitions]
     assert any(on_first) and any(on_second) and all(map(operator.xor, on_first, on_second)), (on_first, on_second)
     # The second engine pulled the image from the registry to run its partitions.
     assert engine.docker("image", "inspect", image, check=False).returncode == 0
