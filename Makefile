@@ -2,6 +2,8 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 CLI := docker compose run --rm cli
+# make run SOURCE=./sales.csv: a file of yours is mounted read-only for the upload (tools/inbox.py).
+UPLOAD = $(if $(wildcard $(SOURCE)),-v "$(abspath $(SOURCE)):/upload/$(notdir $(SOURCE)):ro")
 
 .PHONY: pipeline up deploy run output versions rollback replay resume retention component \
 	test test-unit lint lock bench down clean
@@ -14,9 +16,8 @@ up:  ## On failure, the one-shot services' logs say why
 deploy:
 	$(CLI) prefect deploy --all
 
-run:  ## Warns first if prefect.yaml's steps are not the registered ones
-	$(CLI) python tools/pipeline.py check
-	$(CLI) prefect deployment run main-flow/main --watch
+run:  ## make run [SOURCE=./sales.csv | s3://... | https://...]; warns if prefect.yaml's steps are not the registered ones
+	docker compose run --rm $(UPLOAD) cli python tools/pipeline.py run $(if $(UPLOAD),/upload/$(notdir $(SOURCE)),$(SOURCE))
 
 output:  ## make output RUN=<main run id>: the run's output.json, from either store
 	$(CLI) python -m stepkit output $(RUN)

@@ -21,6 +21,8 @@ components on process workers (bench/compose.baseline.yml, bench/prefect.yaml). 
   polling     latency and the server's idle CPU at other worker query intervals (--intervals)
   sizes       1k to 10M random rows over HTTP, file and S3 store (docker design): trigger to
               completed and each flow container's peak memory; a chart, bench/sizes.png
+  formats     1M rows as CSV (the baseline), gzip CSV and Parquet over HTTP, runs alternating
+              format by format: trigger to completed and the main flow's peak memory
   mapped      validate mapped over 1, 2 and 4 partitions of 10M and 50M rows (one CPU per flow
               container, as always), then subflow: the step's wall time and the speedup, every summary the
               same; the same on 1,000 rows, where a partition does almost no work, is what
@@ -32,6 +34,7 @@ Prints medians (min-max) and ratios as markdown tables, and writes every sample 
 """
 
 import argparse
+import gzip
 import io
 import json
 import os
@@ -42,9 +45,13 @@ import sys
 import tarfile
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent / d) for d in ("", "tests")]  # the kit, the harness
 import docker  # noqa: E402
@@ -82,7 +89,7 @@ BENCH = Stack(
     registry_port=35000,
     s3_port=39000,
     extra_files=("bench/compose.baseline.yml",),
-    overrides={"SOURCE_ALLOW_HOSTS": "testdata", "TEST_DATA": str(DATA), **POOLS},
+    overrides={"SOURCE_ALLOW": "http://testdata:8000/", "TEST_DATA": str(DATA), **POOLS},
 )
 S3_STORE = {"AWS_ENDPOINT_URL": "http://s3:9000", **S3_KEYS}
 
@@ -138,6 +145,20 @@ def serve(name: str, rows: int) -> str:
     if not (DATA / name).exists():
         write_csv(iris_like(rows, seed=rows), DATA / name)
     return f"http://testdata:8000/{name}"
+
+
+def served_as(rows: int, form: str) -> str:
+    """The rows of serve(rows) as `form` (csv, csv.gz or parquet) on the test data server; their URL."""
+    url = serve(f"rows{rows}.csv", rows)
+    path = DATA / f"rows{rows}.{form}"
+    if not path.exists():
+        plain = DATA / f"rows{rows}.csv"
+        if form == "csv.gz":
+            path.write_bytes(gzip.compress(plain.read_bytes()))
+        else:  # the CSV's own column types, so every form gives the same summary
+            pq.write_table(pacsv.read_csv(plain), path)
+        path.chmod(0o644)
+    return url.replace(".csv", f".{form}")
 
 
 # --- floor ---------------------------------------------------------------------------------------
@@ -206,9 +227,9 @@ def correct(run: Any, summary: list[dict[str, Any]] | None = None) -> bool:
     return [(g["species"], g["count"]) for g in result["summary"]] == [(g["species"], g["count"]) for g in summary]
 
 
-def latency(runs: int, designs: dict[str, str] = DESIGNS) -> dict[str, Any]:
+def latency(runs: int, designs: dict[str, str] = DESIGNS, warm_up: bool = True) -> dict[str, Any]:
     samples: dict[str, list[dict[str, float]]] = {design: [] for design in designs}
-    for deployment in designs.values():  # warm-up: first image pulls, caches
+    for deployment in designs.values() if warm_up else ():  # first image pulls, caches
         BENCH.run(deployment)
     for _ in range(runs):
         for design, deployment in designs.items():
@@ -242,10 +263,13 @@ def cached(runs: int) -> dict[str, Any]:
 def container_cpu() -> dict[str, float]:
     """Cumulative CPU-seconds of each long-lived container of the stack (cgroup accounting)."""
     client = docker.from_env()
-    label = f"com.docker.compose.project={BENCH.project}"
+    containers = client.containers.list(filters={"label": f"com.docker.compose.project={BENCH.project}"})
+    # A stats call takes a second or two per container here, even one-shot: all at once, then.
+    with ThreadPoolExecutor(10) as pool:  # docker-py's connection pool size
+        stats = pool.map(lambda c: c.stats(stream=False, one_shot=True), containers)
     return {
-        c.labels["com.docker.compose.service"]: c.stats(stream=False)["cpu_stats"]["cpu_usage"]["total_usage"] / 1e9
-        for c in client.containers.list(filters={"label": label})
+        c.labels["com.docker.compose.service"]: s["cpu_stats"]["cpu_usage"]["total_usage"] / 1e9
+        for c, s in zip(containers, stats, strict=True)
     }
 
 
@@ -308,7 +332,7 @@ def idle_cpu(window_s: float) -> dict[str, float]:
     return {**idle, "dockerd and containerd": daemon / elapsed}
 
 
-def polling(runs: int, intervals: list[float], idle_s: float = 30) -> dict[str, Any]:
+def polling(runs: int, intervals: list[float], idle_s: float = 30, warm_up: bool = True) -> dict[str, Any]:
     """The worker query interval's price: latency of both designs (all workers poll) and the
     server's idle CPU, at each interval besides .env's. The workers go back to .env's after."""
     workers = [*SERVICES["docker"][2:], *SERVICES["process"][2:]]
@@ -317,7 +341,7 @@ def polling(runs: int, intervals: list[float], idle_s: float = 30) -> dict[str, 
         for interval in intervals:
             BENCH.overrides["PREFECT_WORKER_QUERY_SECONDS"] = str(interval)
             BENCH.compose("up", "-d", "--wait", *workers, timeout=600)  # recreated with the new interval
-            measured = latency(runs)
+            measured = latency(runs, warm_up=warm_up)
             result[str(interval)] = {design: measured[design]["trigger to completed"] for design in DESIGNS} | {
                 "idle server CPU per second": idle_cpu(idle_s)["prefect-server"]
             }
@@ -330,10 +354,10 @@ def polling(runs: int, intervals: list[float], idle_s: float = 30) -> dict[str, 
 # --- sizes, throughput, redeploy -----------------------------------------------------------------
 
 
-def sizes(rows: list[int], runs: int) -> dict[str, Any]:
-    """The docker design on growing inputs, in both storage modes: time and peak memory."""
+def sizes(rows: list[int], runs: int, stores: list[str]) -> dict[str, Any]:
+    """The docker design on growing inputs, in each storage mode: time and peak memory."""
     result: dict[str, Any] = {}
-    for store in ("file", "s3"):
+    for store in stores:
         if store == "s3":
             BENCH.use_store("s3://pipeline/data", **S3_STORE)
         for n in rows:
@@ -361,9 +385,43 @@ def sizes(rows: list[int], runs: int) -> dict[str, Any]:
                     }
                 )
             result.setdefault(store, {})[n] = samples
-    for name in S3_STORE:
-        BENCH.overrides.pop(name)
-    BENCH.use_store(SETTINGS["PIPELINE_DATA_URL"])
+    if "s3" in stores:  # back to the file store
+        for name in S3_STORE:
+            BENCH.overrides.pop(name)
+        BENCH.use_store(SETTINGS["PIPELINE_DATA_URL"])
+    return result
+
+
+FORMS = ("csv", "csv.gz", "parquet")
+
+
+def formats(rows: list[int], runs: int) -> dict[str, Any]:
+    """The docker design on the same rows as CSV, gzip CSV and Parquet: what each form costs."""
+    result: dict[str, Any] = {}
+    for n in rows:
+        expected = expected_summary(iris_like(n, seed=n))
+        samples: dict[str, list[dict[str, Any]]] = {form: [] for form in FORMS}
+        for _ in range(runs):
+            for form in FORMS:  # alternating, so drift hits every form alike
+                run = BENCH.run(DESIGNS["docker"], source=served_as(n, form), timeout=3600)
+                output = BENCH.output(run) if run.state.is_completed() else None
+                samples[form].append(
+                    {
+                        "seconds": hops(run)["trigger to completed"] if output else None,
+                        "correct": correct(run, expected) and output["input"]["rows"] == n,
+                        "main_peak_mb": output["peak_rss_bytes"] / 2**20 if output else None,
+                    }
+                )
+        result[str(n)] = {
+            form: {
+                "source_mb": (DATA / f"rows{n}.{form}").stat().st_size / 2**20,
+                "seconds": spread([s["seconds"] for s in got if s["seconds"] is not None] or [float("nan")]),
+                "correct": sum(s["correct"] for s in got),
+                "runs": len(got),
+                "main_peak_mb": max((s["main_peak_mb"] for s in got if s["main_peak_mb"]), default=None),
+            }
+            for form, got in samples.items()
+        }
     return result
 
 
@@ -539,6 +597,21 @@ def report(results: dict[str, Any]) -> str:
                 ok = f"{sum(s['correct'] for s in samples)}/{len(samples)}"
                 lines.append(f"| {int(n):,} | {store} | {mb} | {seconds} | {peak} | {ok} |")
         lines.append("")
+    if "formats" in results:
+        lines += [
+            "| rows | source | source MB | trigger to completed (s) | vs CSV | main flow peak MB | ok |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for n, by_form in results["formats"].items():
+            baseline = by_form["csv"]["seconds"]["median"]
+            for form, f in by_form.items():
+                ratio = f["seconds"]["median"] / baseline
+                peak = f"{f['main_peak_mb']:.0f}" if f["main_peak_mb"] else "-"
+                lines.append(
+                    f"| {int(n):,} | {form} | {f['source_mb']:.1f} | {fmt(f['seconds'], 1)} | {ratio:.2f}x | {peak} "
+                    f"| {f['correct']}/{f['runs']} |"
+                )
+        lines.append("")
     if "mapped" in results:
         by_rows = results["mapped"]
         sizes_ = sorted(by_rows, key=int, reverse=True)  # the smallest last: what partitions cost
@@ -619,7 +692,7 @@ def mapped_chart(by_rows: dict[str, Any], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-STAGES = ["floor", "latency", "cached", "cpu", "polling", "sizes", "mapped", "throughput", "redeploy"]
+STAGES = ["floor", "latency", "cached", "cpu", "polling", "sizes", "formats", "mapped", "throughput", "redeploy"]
 
 
 def main() -> None:
@@ -627,6 +700,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="latency and CPU runs per design")
     parser.add_argument("--rows", type=int, nargs="*", default=[1_000, 100_000, 1_000_000, 10_000_000])
     parser.add_argument("--size-runs", type=int, default=3)
+    parser.add_argument("--stores", nargs="*", default=["file", "s3"], choices=["file", "s3"], help="sizes' stores")
+    parser.add_argument("--format-rows", type=int, nargs="*", default=[1_000_000])
     parser.add_argument("--mapped-rows", type=int, nargs="*", default=[10_000_000, 50_000_000])
     parser.add_argument("--partitions", type=int, nargs="*", default=[1, 2, 4])
     parser.add_argument("--concurrency", type=int, nargs="*", default=[10, 50])
@@ -641,7 +716,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.runs, args.rows, args.size_runs, args.concurrency, args.redeploys = 1, [1_000], 1, [2], 1
-        args.mapped_rows, args.partitions = [1_000], [1, 2]
+        args.mapped_rows, args.partitions, args.format_rows = [1_000], [1, 2], [1_000]
+        args.stores = ["file"]  # the S3 store's own run is tests/test_storage.py's
         args.intervals = [1.0]
 
     setup()
@@ -653,19 +729,26 @@ def main() -> None:
     }
     try:
         stages = [
-            ("floor", lambda: floor(max(args.runs, 3))),
+            ("floor", lambda: floor(1 if args.smoke else max(args.runs, 3))),
             ("latency", lambda: latency(args.runs, {**DESIGNS, **BEFORE})),
             ("cached", lambda: cached(args.runs)),
             ("cpu", lambda: cpu(args.runs, idle_s=5 if args.smoke else 30)),
-            ("polling", lambda: polling(args.runs, args.intervals, idle_s=5 if args.smoke else 30)),
-            ("sizes", lambda: sizes(args.rows, args.size_runs)),
+            # After the latency stage, images and caches are warm: no warm-up runs.
+            (
+                "polling",
+                lambda: polling(args.runs, args.intervals, 5 if args.smoke else 30, "latency" not in args.stages),
+            ),
+            ("sizes", lambda: sizes(args.rows, args.size_runs, args.stores)),
+            ("formats", lambda: formats(args.format_rows, args.size_runs)),
             ("mapped", lambda: mapped(args.mapped_rows, args.partitions, args.size_runs)),
             ("throughput", lambda: throughput(args.concurrency)),
             ("redeploy", lambda: redeploy(args.redeploys)),
         ]
         for name, stage in [(name, stage) for name, stage in stages if name in args.stages]:
             print(f"[bench] {name} ...", flush=True)
+            started = time.monotonic()
             results[name] = stage()
+            print(f"[bench] {name}: {time.monotonic() - started:.0f} s", flush=True)
             args.out.write_text(json.dumps(results, indent=2, default=str))  # what is done survives
         if "sizes" in results:
             chart(results["sizes"], args.chart)

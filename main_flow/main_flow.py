@@ -1,5 +1,6 @@
-"""Main flow: load a CSV into the data store as Parquet, run the pipeline's steps on it by
-reference, and store the pipeline output next to it. Unchanged work is reused (main_flow/cache.py)."""
+"""Main flow: load a source (CSV, compressed CSV or Parquet) into the data store as Parquet, run
+the pipeline's steps on it by reference, and store the pipeline output next to it. Unchanged work
+is reused (main_flow/cache.py)."""
 
 import json
 from typing import Annotated, Any

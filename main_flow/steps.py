@@ -19,6 +19,7 @@ from prefect.events.clients import PrefectEventSubscriber, get_events_subscriber
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.exceptions import ObjectNotFound
 from prefect.logging import get_logger
+from prefect.runtime import flow_run
 from prefect.states import Cancelled, Cancelling
 from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.variables import Variable
@@ -41,6 +42,7 @@ from stepkit import (
 log = get_logger("steps")  # under prefect.*: in a flow run, its records reach the run's log
 SAFETY_READ_S = 5.0  # reads of the steps' runs besides the event stream, should an event be lost
 FINAL = {state.value for state in TERMINAL_STATES}  # as events label them
+RETRIES = 2  # of a step that Crashed, unless its options say otherwise
 
 
 class PipelineError(RuntimeError):
@@ -128,6 +130,7 @@ class Task:
     out: str
     partition: int | None = None  # None: the step is not mapped
     of: int = 1
+    retries: int = RETRIES
 
     def __str__(self) -> str:
         return self.step if self.partition is None else f"{self.step} partition {self.partition + 1} of {self.of}"
@@ -147,11 +150,12 @@ def run_group(
     began = time.monotonic()
     tasks: list[Task] = []
     for name in group:
-        mapped = partitions(data, options.get(name, StepOptions(step=name)))
+        option = options.get(name, StepOptions(step=name))
+        mapped, retries = partitions(data, option), option.get("retries", RETRIES)
         if mapped is None:
-            tasks.append(Task(name, data, layout.step(name)))
+            tasks.append(Task(name, data, layout.step(name), retries=retries))
         else:
-            tasks += [Task(name, d, layout.step(name, i), i, len(mapped)) for i, d in enumerate(mapped)]
+            tasks += [Task(name, d, layout.step(name, i), i, len(mapped), retries) for i, d in enumerate(mapped)]
     deployments = {name: deployment(name) for name in group}
     keys = {task: step_key(task.step, deployments[task.step], task.data, images.get(task.step)) for task in tasks}
     hits = {task: entry for task in tasks if (entry := policy.lookup(task.step, keys[task]))}
@@ -195,10 +199,12 @@ def run_tasks(
     tasks: list[Task], images: dict[str, str], limits: Limits, record: Callable[[Task, dict[str, Any]], None]
 ) -> dict[Task, dict[str, Any]]:
     """Start the tasks' child runs, at most `limits.at_once` partitions of a step at a time, and
-    wait for all; `record` each completed result at once. After a failure no more partitions are
-    started; those running finish (and are recorded, so a re-run computes only what failed)."""
+    wait for all; `record` each completed result at once. A run that Crashed starts again, up to
+    its task's `retries`. After a failure no more partitions are started; those running finish
+    (and are recorded, so a re-run computes only what failed)."""
     deadline = time.monotonic() + limits.timeout_s
     queue, running, results, failed = list(tasks), {}, {}, []
+    attempts = dict.fromkeys(tasks, 0)
 
     def ready() -> Task | None:
         """The first queued task whose step has fewer than `at_once` runs going."""
@@ -208,18 +214,24 @@ def run_tasks(
     while queue or running:
         while not failed and (task := ready()):
             queue.remove(task)
-            running[start_step(task.step, task.data, task.out, images.get(task.step)).id] = task
+            attempts[task] += 1
+            running[start_step(task, attempts[task], images.get(task.step)).id] = task
         if not running:
             break
         for run in run_coro_as_sync(until_final(list(running), deadline, any_final=True)):
             if not final(run):
                 continue
             task = running.pop(run.id)
+            ended = f"step {task} (run {run.name!r}) ended {run.state.name}: {run.state.message}"
             if run.state.is_completed():
                 results[task] = step_result(task.step, run)
                 record(task, results[task])
+            elif run.state.is_crashed() and attempts[task] <= task.retries and not failed:
+                get_run_logger().warning("%s; attempt %d of %d starts", ended, attempts[task] + 1, task.retries + 1)
+                queue.insert(0, task)
             else:
-                failed.append(f"step {task} (run {run.name!r}) ended {run.state.name}: {run.state.message}")
+                tries = f" (attempt {attempts[task]} of {task.retries + 1})" if attempts[task] > 1 else ""
+                failed.append(ended + tries)
         if running and time.monotonic() >= deadline:
             waiting = [run for run in run_coro_as_sync(until_final(list(running), deadline)) if not final(run)]
             with get_client(sync_client=True) as client:
@@ -249,13 +261,17 @@ def step_key(name: str, step: DeploymentResponse, data: DataRef, image: str | No
     return cache.key(name, image or step.job_variables.get("image", ""), step.parameters, [data["sha256"]])
 
 
-def start_step(name: str, data: DataRef, out: str, image: str | None) -> FlowRun:
-    """Create the child run of one step; `image` pins its image (a replay)."""
+def start_step(task: Task, attempt: int, image: str | None) -> FlowRun:
+    """Create the child run of one step's `attempt`; `image` pins its image (a replay)."""
     return run_deployment(
-        name,
-        parameters={"data": data, "out": out},
-        timeout=0,  # return at once: wait_for_runs waits for the whole group
+        task.step,
+        parameters={"data": task.data, "out": task.out},
+        timeout=0,  # return at once: until_final waits for the whole group
         job_variables={"image": image} if image else None,
+        tags=[f"attempt-{attempt}"] if attempt > 1 else None,
+        # Should the server answer the create only after it restarts, the client's retry gets
+        # the same run, not a second one.
+        idempotency_key=f"{flow_run.id}/{task.out}/{attempt}",
     )
 
 

@@ -1,6 +1,7 @@
 """Unit tests of the main flow's ingest, confinement and store code: real files, a real HTTP
 server on loopback and a real S3 endpoint (moto's server), no Docker."""
 
+import gzip
 import hashlib
 import http.server
 import re
@@ -11,9 +12,13 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
+from prefect import flow, get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterId
+from prefect.states import Crashed, Failed
 
 from conftest import IRIS
 from main_flow import ingest as component
@@ -89,7 +94,9 @@ def http_server(tmp_path: Path):
     server.shutdown()
 
 
-LOOPBACK = settings(source_allow_hosts=["127.0.0.1"])
+def loopback(server: str) -> component.Settings:
+    """Settings that allow the test server on loopback, as an operator allows a private host."""
+    return settings(source_allow=[server])
 
 
 def test_ingest_converts_the_shipped_iris_data_to_parquet(tmp_path):
@@ -119,7 +126,7 @@ def test_ingest_writes_parts_of_part_rows_that_read_as_the_whole(tmp_path):
 
 
 def test_ingest_over_http_gives_the_same_data(http_server, tmp_path):
-    ref = ingest(f"{http_server}/to-iris", tmp_path / "a", LOOPBACK)
+    ref = ingest(f"{http_server}/to-iris", tmp_path / "a", loopback(http_server))
     assert ref["sha256"] == ingest("iris.csv", tmp_path / "b")["sha256"]
 
 
@@ -155,13 +162,13 @@ def test_max_bytes_stops_a_file_and_a_download(http_server, tmp_path):
     with pytest.raises(ValueError, match=r"source 'iris.csv' is larger than max_bytes=1000"):
         ingest("iris.csv", store, max_bytes=1000)
     with pytest.raises(ValueError, match=r"is \d+ bytes, over max_bytes=1000"):  # Content-Length
-        ingest(f"{http_server}/iris.csv", store, LOOPBACK, max_bytes=1000)
+        ingest(f"{http_server}/iris.csv", store, loopback(http_server), max_bytes=1000)
     assert empty(store)
 
 
 def test_an_encoded_download_is_refused_before_it_is_inflated(http_server, tmp_path):
     with pytest.raises(ValueError, match="Content-Encoding 'gzip, gzip': refused, its size could not be capped"):
-        ingest(f"{http_server}/bomb.csv", tmp_path / "store", LOOPBACK)
+        ingest(f"{http_server}/bomb.csv", tmp_path / "store", loopback(http_server))
     assert empty(tmp_path / "store")
 
 
@@ -176,22 +183,22 @@ def test_messages_never_show_credentials_or_signed_queries(http_server, tmp_path
     port = http_server.rsplit(":", 1)[1]
     signed = f"http://user:hunter2@127.0.0.1:{port}/missing.csv?X-Amz-Signature=s3cr3t"
     with pytest.raises(ValueError) as refused:
-        ingest(signed, tmp_path, LOOPBACK)
+        ingest(signed, tmp_path, loopback(http_server))
     assert str(refused.value) == f"cannot fetch source 'http://127.0.0.1:{port}/missing.csv': HTTP 404"
 
 
 def test_the_download_connects_to_the_address_it_checked(http_server, tmp_path):
     """`localhost` is allowed by name here: the check resolves it once and the request goes there."""
-    assert component.check_url("http://localhost/x.csv", ["localhost"]) in ("127.0.0.1", "::1")
+    assert component.check_url("http://localhost/x.csv", ["http://localhost/"]) in ("127.0.0.1", "::1")
     port = http_server.rsplit(":", 1)[1]
-    ref = ingest(f"http://localhost:{port}/iris.csv", tmp_path, settings(source_allow_hosts=["localhost"]))
+    ref = ingest(f"http://localhost:{port}/iris.csv", tmp_path, loopback(f"http://localhost:{port}"))
     assert ref["rows"] == 150
 
 
 def test_a_download_past_its_deadline_fails(http_server, tmp_path):
     started = time.monotonic()
     with pytest.raises(TimeoutError, match="was not read within fetch_timeout_s"):
-        ingest(f"{http_server}/slow.csv", tmp_path / "store", LOOPBACK, timeout_s=1)
+        ingest(f"{http_server}/slow.csv", tmp_path / "store", loopback(http_server), timeout_s=1)
     assert time.monotonic() - started < 4
     assert empty(tmp_path / "store")
 
@@ -218,9 +225,10 @@ def test_a_symlink_out_of_the_data_directory_is_refused(data_dir, tmp_path):
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("ftp://example.com/x.csv", "only http and https URLs are allowed"),
-        ("file:///etc/passwd", "only http and https URLs are allowed"),
-        ("http://127.0.0.1:9/x.csv", "non-public address 127.0.0.1; allow it with SOURCE_ALLOW_HOSTS"),
+        (
+            "http://127.0.0.1:9/x.csv",
+            r"non-public address 127.0.0.1; allow it with SOURCE_ALLOW \(e.g. http://127.0.0.1:9/\)",
+        ),
         ("http://169.254.169.254/latest/meta-data", "non-public address 169.254.169.254"),
         ("http://10.1.2.3/x.csv", "non-public address 10.1.2.3"),
         ("http://localhost/x.csv", "non-public address"),
@@ -233,9 +241,9 @@ def test_url_sources_must_be_public_http(tmp_path, url, message):
 
 def test_redirects_are_checked_and_limited(http_server, tmp_path):
     with pytest.raises(ValueError, match="more than 5 redirects"):
-        ingest(f"{http_server}/loop", tmp_path, LOOPBACK)
+        ingest(f"{http_server}/loop", tmp_path, loopback(http_server))
     with pytest.raises(ValueError, match="cannot fetch source .*: HTTP 404"):
-        ingest(f"{http_server}/missing.csv", tmp_path, LOOPBACK)
+        ingest(f"{http_server}/missing.csv", tmp_path, loopback(http_server))
 
 
 def test_unreachable_sources_are_transient(tmp_path):
@@ -244,7 +252,39 @@ def test_unreachable_sources_are_transient(tmp_path):
     port = closed.getsockname()[1]
     closed.close()
     with pytest.raises(component.SourceUnavailable, match=f"cannot fetch source 'http://127.0.0.1:{port}/x.csv'"):
-        ingest(f"http://127.0.0.1:{port}/x.csv", tmp_path, LOOPBACK)
+        ingest(f"http://127.0.0.1:{port}/x.csv", tmp_path, loopback(f"http://127.0.0.1:{port}"))
+
+
+def test_an_unreachable_store_fails_the_ingest_after_two_retries_naming_it(prefect_api, monkeypatch):
+    """Prefect's retries of the real task, against an S3 endpoint that refuses connections."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "t",
+        "AWS_SECRET_ACCESS_KEY": "t",
+        "AWS_MAX_ATTEMPTS": "1",
+    }
+    for name, value in env.items():  # AWS_MAX_ATTEMPTS: botocore's own 5 tries per attempt take seconds
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+
+    @flow
+    def load() -> DataRef:
+        task = component.ingest.with_options(retry_delay_seconds=0)
+        return task("iris.csv", "s3://pipeline/runs/unit/input", settings(), **LIMITS)
+
+    state = load(return_state=True)
+    assert state.is_failed()
+    assert "cannot reach the data store to write s3://pipeline/runs/unit/input" in state.message
+    assert f'Could not connect to the endpoint URL: "{endpoint}/' in state.message
+    with get_client(sync_client=True) as client:
+        (ingested,) = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    assert ingested.run_count == 3  # retries=2: the store may come back; bad data would not
 
 
 def test_steps_are_checked_before_anything_runs():
@@ -253,6 +293,49 @@ def test_steps_are_checked_before_anything_runs():
         steps.step_groups(["a/a", ["b/b", "a/a"]])
     with pytest.raises(ValueError, match="no empty groups"):
         steps.step_groups([[]])
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "message"),
+    [
+        (["Crashed", "Crashed", "Crashed"], "ended Crashed: exit 137 (attempt 3 of 3)"),
+        (["Crashed", "Failed"], "ended Failed: bad row (attempt 2 of 3)"),
+        (["Failed"], "ended Failed: bad row"),
+    ],
+)
+def test_a_crashed_step_starts_again_up_to_its_retries_a_failed_one_never(prefect_api, outcomes, message):
+    """The real server; this test plays the worker, ending each run of the step as `outcomes` say."""
+    with get_client(sync_client=True) as client:
+        step_flow = client.create_flow_from_name(f"step-{len(outcomes)}")
+        client.create_deployment(step_flow, "step")
+    name, played = f"step-{len(outcomes)}/step", []
+
+    def worker() -> None:
+        states = {"Crashed": Crashed(message="exit 137"), "Failed": Failed(message="bad row")}
+        with get_client(sync_client=True) as client:
+            while len(played) < len(outcomes):
+                for run in client.read_flow_runs(deployment_filter=deployment_named(client, name)):
+                    if run.id not in {p.id for p in played}:
+                        client.set_flow_run_state(run.id, states[outcomes[len(played)]], force=True)
+                        played.append(run)
+                time.sleep(0.05)
+
+    @flow
+    def main() -> None:
+        task = steps.Task(name, {"uri": "file:///nowhere", "rows": 1}, "out")
+        steps.run_tasks([task], {}, steps.Limits(timeout_s=60, at_once=1), lambda *_: None)
+
+    threading.Thread(target=worker, daemon=True).start()
+    state = main(return_state=True)
+    assert state.is_failed() and message in state.message, state.message
+    assert len(played) == len(outcomes)
+    assert [run.tags for run in sorted(played, key=lambda run: run.created)] == [
+        [f"attempt-{n}"] if n > 1 else [] for n in range(1, len(outcomes) + 1)
+    ]
+
+
+def deployment_named(client, name: str) -> DeploymentFilter:
+    return DeploymentFilter(id=DeploymentFilterId(any_=[client.read_deployment_by_name(name).id]))
 
 
 @pytest.fixture(scope="module")
@@ -311,10 +394,10 @@ def test_a_failed_upload_leaves_no_object(s3_env, data_dir):
 
 def test_the_source_identity_is_cheap_and_follows_the_bytes(http_server, data_dir, tmp_path):
     url = f"{http_server}/iris.csv"
-    first = component.identity.fn(url, LOOPBACK, 10)
+    first = component.identity.fn(url, loopback(http_server), 10)
     assert first["url"] == url and first["bytes"] == IRIS.stat().st_size and "last-modified" in first
     (tmp_path / "iris.csv").write_bytes(IRIS.read_bytes() + b"5.0,3.0,1.0,0.2,setosa\n")
-    assert component.identity.fn(url, LOOPBACK, 10) != first
+    assert component.identity.fn(url, loopback(http_server), 10) != first
     (data_dir / "a.csv").write_text("a\n1\n")
     config = settings(source_dir=data_dir)
     digest = hashlib.sha256(b"a\n1\n").hexdigest()
@@ -338,3 +421,118 @@ def test_a_mapped_step_gets_contiguous_partitions_of_about_equal_rows():
     assert len(steps.partitions(data, {"step": "v/v", "partitions": 20})) == 10  # a part is never split
     assert steps.partitions(parts[0], {"step": "v/v", "partitions": 4}) == [parts[0]]
     assert steps.partitions(data, {"step": "v/v"}) is None  # not mapped
+
+
+# --- Sources as users have them: formats by content, schemes by the allow-list ----------------------
+
+
+@pytest.fixture
+def inbox(tmp_path, monkeypatch) -> Path:
+    """The inbox of a file data store at tmp_path/store (PIPELINE_DATA_URL)."""
+    monkeypatch.setenv("PIPELINE_DATA_URL", f"file://{tmp_path}/store")
+    (directory := tmp_path / "store" / "inbox").mkdir(parents=True)
+    return directory
+
+
+def compressed(data: bytes, codec: str) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.CompressedOutputStream(sink, codec) as stream:
+        stream.write(data)
+    return sink.getvalue().to_pybytes()
+
+
+def test_gzip_and_zstd_csv_give_the_csv_s_parquet_byte_for_byte(inbox, tmp_path):
+    want = ingest("iris.csv", tmp_path / "csv")
+    for name, codec in (("iris.csv.gz", "gzip"), ("iris.csv.zst", "zstd"), ("iris-no-hint", "gzip")):
+        (inbox / name).write_bytes(compressed(IRIS.read_bytes(), codec))
+        assert ingest(f"file://{inbox}/{name}", tmp_path / name)["sha256"] == want["sha256"], name
+
+
+def test_parquet_is_kept_as_it_is_if_it_fits_in_a_part_else_re_encoded_into_parts(inbox, tmp_path):
+    table = pq.read_table(ingest("iris.csv", tmp_path / "csv")["uri"][len("file://") :])
+    pq.write_table(table, inbox / "iris.parquet", compression="zstd")  # not how ingest writes it
+    source = f"file://{inbox}/iris.parquet"
+    whole = ingest(source, tmp_path / "one")
+    assert whole["uri"] == f"file://{tmp_path}/one/input/part-00000.parquet"
+    assert whole["sha256"] == hashlib.sha256((inbox / "iris.parquet").read_bytes()).hexdigest()  # byte for byte
+    parts = ingest(source, tmp_path / "four", part_rows=40)
+    assert [p["rows"] for p in parts["parts"]] == [40, 40, 40, 30]
+    assert pq.read_table([p["uri"][7:] for p in parts["parts"]]) == table
+    assert sorted(p.name for p in (tmp_path / "four" / "input").iterdir()) == [
+        f"part-0000{i}.parquet" for i in range(4)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("x.csv", gzip.compress(b"a\n1\n"), r"'file://.*/x.csv' is named .csv \(CSV\) but its content is gzip"),
+        ("x.parquet", b"a\n1\n", r"is named .parquet \(Parquet\) but its content is CSV"),
+        ("x.csv.gz", compressed(b"a\n1\n", "zstd"), r"is named .gz \(gzip\) but its content is zstd"),
+        ("x.zip", b"PK\x03\x04" + b"\0" * 60, "is a zip archive: compress a CSV with gzip or zstd instead"),
+        ("x.csv.gz", b"\x1f\x8b" + b"\0" * 100, "is not valid gzip data"),
+        ("x.parquet", b"PAR1" + b"\0" * 100, "malformed dataset"),
+        ("x.csv.zst", compressed(b"a,b\n1,2\n3\n", "zstd"), "a row has a different number of fields"),
+        ("x.parquet", b"", "no header row"),
+        ("x.jsonl", b'{"a": 1, "b": 2}\n{"a": 3, "b": 4}\n', "is JSON: not read; convert it to CSV or Parquet"),
+        ("x.csv", b'\n{"a": 1, "b": 2}\n', r"is named .csv \(CSV\) but its content is JSON"),
+    ],
+)
+def test_a_source_that_is_not_what_it_says_is_refused_and_leaves_nothing(inbox, tmp_path, name, content, message):
+    (inbox / name).write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        ingest(f"file://{inbox}/{name}", tmp_path / "out")
+    assert empty(tmp_path / "out")
+
+
+def test_an_empty_parquet_file_is_refused_and_leaves_nothing(inbox, tmp_path):
+    pq.write_table(pa.table({"a": pa.array([], pa.int64())}), inbox / "empty.parquet")
+    with pytest.raises(ValueError, match="empty dataset"):
+        ingest(f"file://{inbox}/empty.parquet", tmp_path / "out")
+    assert empty(tmp_path / "out")
+
+
+def test_a_compressed_source_is_capped_on_its_decompressed_size(inbox, tmp_path):
+    (inbox / "big.csv.gz").write_bytes(gzip.compress(b"a,b\n" + b"1,2\n" * 500_000))  # 2 MB in 6 kB
+    with pytest.raises(ValueError, match=r"'file://.*/big.csv.gz' is larger than max_bytes=1000000 once decompressed"):
+        ingest(f"file://{inbox}/big.csv.gz", tmp_path / "out", max_bytes=1_000_000, part_rows=100_000)
+    assert not (tmp_path / "out" / "input").exists()  # the parts already written, and their directory
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("ftp://example.com/x.csv", r"is refused: sources are public http\(s\) URLs, files in the store's inbox"),
+        ("file:///etc/passwd", r"or under a prefix of SOURCE_ALLOW \(nothing else\)"),
+        ("s3://pipeline/runs/r1/input/part-00000.parquet", "SOURCE_ALLOW"),
+        ("file://{store}/runs/r1/output.json", "is refused"),  # the store, but not its inbox
+        ("file://{store}/inbox/../runs/r1/output.json", "a path with '..', '::', '[?]', '#' or '%' is refused"),
+        ("simplecache::file://{store}/inbox/x.csv", "is refused"),
+    ],
+)
+def test_sources_outside_the_inbox_and_source_allow_are_refused(inbox, tmp_path, source, message):
+    with pytest.raises(ValueError, match=message):
+        ingest(source.format(store=inbox.parent), tmp_path / "out")
+
+
+def test_source_allow_admits_its_prefixes_not_their_neighbours(s3_env, inbox, tmp_path):
+    s3_env.mkdir("sources")
+    s3_env.mkdir("sources2")
+    s3_env.pipe("sources/raw/iris.csv.gz", gzip.compress(IRIS.read_bytes()))
+    s3_env.pipe("sources2/raw/iris.csv", IRIS.read_bytes())
+    config = settings(source_allow="s3://sources, http://files.internal:8080")  # as in .env
+    assert config.source_allow == ["s3://sources/", "http://files.internal:8080/"]
+    ref = ingest("s3://sources/raw/iris.csv.gz", tmp_path / "s3", config)  # another bucket than the store's
+    assert ref["sha256"] == ingest("iris.csv", tmp_path / "csv")["sha256"]
+    with pytest.raises(ValueError, match=r"SOURCE_ALLOW \(s3://sources/, http://files.internal:8080/\)"):
+        ingest("s3://sources2/raw/iris.csv", tmp_path / "no", config)
+    with pytest.raises(FileNotFoundError, match="source not found: s3://sources/raw/missing.csv"):
+        ingest("s3://sources/raw/missing.csv", tmp_path / "no", config)
+    with pytest.raises(ValueError, match=r"over max_bytes=100"):
+        ingest("s3://sources/raw/iris.csv.gz", tmp_path / "no", config, max_bytes=100)
+    first = component.identity.fn("s3://sources/raw/iris.csv.gz", config, 10)
+    assert first["ETag"] and first["bytes"] == s3_env.size("sources/raw/iris.csv.gz")
+    s3_env.pipe("sources/raw/iris.csv.gz", gzip.compress(IRIS.read_bytes() + b"5.0,3.0,1.0,0.2,setosa\n"))
+    assert component.identity.fn("s3://sources/raw/iris.csv.gz", config, 10) != first
+    with pytest.raises(ValueError, match="is not a URL prefix such as s3://bucket/raw/"):
+        settings(source_allow="our-bucket/raw")

@@ -26,7 +26,7 @@ from stepkit.layout import RefusedReference, RunLayout, redact
 from stepkit.step import Dataset, Out, Output, StepFailed, batches, step, tag_run_with_image, usage
 from stepkit.store import atomic_write, dataset_of, parts_of, verify, write_parquet
 
-__version__ = "2.0.0"  # see README, "The step kit": which changes need every component redeployed
+__version__ = "2.2.0"  # see README, "The step kit": which changes need every component redeployed
 
 __all__ = [
     "PIPELINE_STEPS", "STEP_RESULT", "WIRE", "DataRef", "Dataset", "Out", "Output", "Part", "RefusedReference",

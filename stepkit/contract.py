@@ -23,6 +23,9 @@ class StepOptions(TypedDict):
     # Map the step over its input: one child run per partition, a group of the input's parts.
     partitions: NotRequired[Annotated[int, Field(ge=1)]]
     rows_per_partition: NotRequired[Annotated[int, Field(ge=1)]]
+    # Start the step again after it Crashed (its container died or never reached the API), never
+    # after it Failed (bad data, a bug): at most this many times (default 2).
+    retries: NotRequired[Annotated[int, Field(ge=0, le=10)]]
 
 
 Step = StepName | StepOptions

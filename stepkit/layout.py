@@ -6,6 +6,7 @@
 <store>/runs/<main run id>/output.json               the pipeline output
 <store>/results/                                     Prefect's persisted results
 <store>/cache/<key>.json                             the step cache's entries (main_flow/cache.py)
+<store>/inbox/<sha256>/<name>                        files uploaded as sources (tools/inbox.py), by content
 """
 
 import os
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 RUNS = "runs"
 RESULTS = "results"
 CACHE = "cache"
+INBOX = "inbox"
 
 
 def store_url() -> str:
@@ -68,6 +70,10 @@ def results_root(store: str | None = None) -> str:
 
 def cache_root(store: str | None = None) -> str:
     return f"{(store or store_url()).rstrip('/')}/{CACHE}"
+
+
+def inbox_root(store: str | None = None) -> str:
+    return f"{(store or store_url()).rstrip('/')}/{INBOX}"
 
 
 class RefusedReference(ValueError):

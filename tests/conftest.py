@@ -4,7 +4,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from harness import CI, Stack, docker_available
+from harness import CI, SOURCES_BUCKET, Stack, docker_available
 
 DATA = Path(tempfile.mkdtemp(prefix="pipeline-testdata-"))  # served by tests/compose.yml `testdata`
 DATA_URL = "http://testdata:8000"
@@ -13,7 +13,7 @@ TEST = Stack(
     prefect_port=14200,
     registry_port=15000,
     s3_port=19000,
-    overrides={"SOURCE_ALLOW_HOSTS": "testdata", "TEST_DATA": str(DATA)},
+    overrides={"SOURCE_ALLOW": f"{DATA_URL}/,s3://{SOURCES_BUCKET}/", "TEST_DATA": str(DATA)},
 )
 
 

@@ -5,6 +5,7 @@ so tests and benchmarks run beside the user's stack (project `modular-pipeline`,
 .env) and never stop, change or delete it.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -26,6 +27,7 @@ from dotenv import dotenv_values
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 from prefect.client.schemas.objects import FlowRun
+from prefect.exceptions import PrefectHTTPStatusError
 
 from stepkit import RunLayout
 
@@ -36,6 +38,8 @@ CI = os.environ.get("CI") == "true"
 TEST_OVERLAY = ROOT / "tests" / "compose.yml"  # the S3 endpoint and the test data server
 # Test credentials of the moto endpoint; a real store takes its keys from the environment.
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+# A bucket of the S3 test endpoint other than the store's: sources that SOURCE_ALLOW lets flows read.
+SOURCES_BUCKET = "sources"
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 60, every: float = 0.5) -> Any:
@@ -324,6 +328,16 @@ class Stack:
     def data_url(self) -> str:
         return self.overrides.get("PIPELINE_DATA_URL", SETTINGS["PIPELINE_DATA_URL"]).rstrip("/")
 
+    def forget_image(self, deployment: str) -> None:
+        """Remove a deployment's image from the engine: its next run must pull it."""
+        found = self.deployment(deployment)
+        image = found.job_variables["image"]
+        # The last run's container may still be on its way out (auto_remove), holding the image.
+        local = self.sh("docker", "image", "inspect", "-f", "{{.Id}}", image).stdout.strip()
+        users = ("docker", "ps", "-aq", "--filter", f"ancestor={local}")
+        wait_for(f"no container of {image}", lambda: not self.sh(*users).stdout.strip())
+        self.sh("docker", "image", "rm", "--force", local)  # by id: every tag and digest of it
+
     def containers(self, run_id: Any, running: bool = False) -> list[str]:
         """Ids of the containers of a flow run: all of them, or only the running ones."""
         flags = "-q" if running else "-aq"
@@ -360,6 +374,33 @@ class Stack:
             return httpx.get(f"{self.api_url}/health", timeout=3).status_code == 200
         except httpx.HTTPError:
             return False
+
+    def ready(self) -> bool:
+        """The server answers and reaches its database (`/health` does not ask the database)."""
+        with self.api() as client:
+            try:
+                return client.request("GET", "/ready").status_code == 200
+            except (httpx.HTTPError, PrefectHTTPStatusError):
+                return False
+
+
+def run_a_file_of_yours(stack: "Stack", directory: Path, seed: int) -> tuple[FlowRun, dict[str, Any], pa.Table]:
+    """README's first run, as written, on ./sales.csv (1,000 random rows) in a copy of the project:
+    the run, its output, and the table, which the output's summary must match."""
+    ((command, *_), *_) = readme_blocks("## Running the pipeline")
+    assert command == "make run SOURCE=./sales.csv", command
+    project = project_copy(directory)
+    table = iris_like(1000, seed)
+    sales = write_csv(table, project / "sales.csv").read_bytes()
+    printed = stack.shell(command, cwd=project)
+    inbox = f"{stack.data_url()}/inbox/{hashlib.sha256(sales).hexdigest()}/sales.csv"
+    assert f"uploaded to the inbox: {inbox}" in printed
+    run = stack.read_run(re.search(r"UUID: ([0-9a-f-]{36})", printed).group(1))
+    assert run.state.is_completed(), run.state
+    output = stack.output(run)
+    assert output["source"] == inbox and stack.read_object(inbox) == sales
+    assert "already in the inbox" in stack.shell(command, cwd=project)  # the same bytes: not uploaded again
+    return run, output, table
 
 
 def project_copy(directory: Path) -> Path:

@@ -31,6 +31,7 @@ def test_benchmark_smoke(stack, tmp_path):
         assert results["polling"]["1.0"][design]["n"] == 1
     assert all(sample["correct"] for store in results["sizes"].values() for s in store.values() for sample in s)
     assert results["redeploy"]["n"] == 1
+    assert [f["correct"] for f in results["formats"]["1000"].values()] == [1, 1, 1]  # CSV, gzip CSV, Parquet
     assert results["cached"]["trigger to completed"]["n"] == 1  # the stage asserts its run reused every step
     assert [results["mapped"]["1000"][p]["seconds"]["n"] for p in ("1", "2")] == [1, 1]  # each run checked
     assert "| trigger to completed |" in proc.stdout and "| cached above the floor |" in proc.stdout

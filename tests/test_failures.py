@@ -1,8 +1,20 @@
 """Failure, concurrency and restarts on real Docker: nothing lost, mixed up, half-written or hanging."""
 
+import gzip
+import re
+from collections.abc import Callable
+from typing import Any
+
 import pytest
-from harness import PREFECT, wait_for
+from harness import PREFECT, iris_like, wait_for, write_csv
 from prefect.client.schemas.actions import DeploymentUpdate
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterParentFlowRunId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
 from prefect.exceptions import PrefectHTTPStatusError
 
 from conftest import iris_rows, to_csv
@@ -33,18 +45,6 @@ def test_a_failing_step_fails_the_pipeline_and_stops_it(stack, bad_numeric):
     assert stack.child(run.id, "validate").state.is_failed()
 
 
-def test_a_stopped_worker_times_out_and_the_child_is_cancelled(stack):
-    stack.compose("stop", "worker-subflow")
-    try:
-        run = stack.run("main-flow/main", step_timeout_s=10)
-    finally:
-        stack.compose("up", "-d", "--wait", "worker-subflow")
-    pool = stack.env()["SUBFLOW_POOL"]
-    assert_failed_cleanly(stack, run, "did not finish within 10.0s", children=1)
-    assert f"Check that a worker is polling work pool '{pool}'" in run.state.message
-    assert stack.child(run.id, "validate").state.is_cancelled()
-
-
 def test_a_missing_deployment_fails_at_once_with_a_hint(stack):
     run = stack.run("main-flow/main", steps=["validate/validate", "enrich/enrich"])
     message = "deployment 'enrich/enrich' not found: register it with `prefect deploy --name enrich`"
@@ -60,43 +60,85 @@ def test_a_killed_main_container_is_reported_and_removed(stack):
     wait_for(f"containers of {run.id} to be removed", lambda: not stack.containers(run.id))
 
 
-def test_a_step_over_its_memory_limit_crashes_and_says_so(stack):
+def test_a_step_over_its_memory_limit_crashes_is_retried_and_says_so(stack):
+    """Crashed is retried (`retries: 1` here, 2 by default), Failed never (the first test above)."""
     subflow = stack.deployment("subflow/subflow")
     with stack.api() as client:  # a per-deployment override of the pool's limit
         client.update_deployment(
             subflow.id, DeploymentUpdate(job_variables={**subflow.job_variables, "mem_limit": "40m"})
         )
     try:
-        run = stack.run("main-flow/main")
+        run = stack.run("main-flow/main", steps=["validate/validate", {"step": "subflow/subflow", "retries": 1}])
     finally:
         with stack.api() as client:
             client.update_deployment(subflow.id, DeploymentUpdate(job_variables=subflow.job_variables))
-    child = stack.child(run.id, "subflow")
+    attempts = step_runs(stack, run.id)["subflow"]
     oom = "status code 137. Process was killed, likely due to an out-of-memory (OOM) condition"
-    assert child.state.is_crashed() and oom in child.state.message, child.state
-    assert_failed_cleanly(stack, run, "step subflow/subflow", children=2)
+    assert [(a.state.is_crashed(), oom in a.state.message, a.tags) for a in attempts] == [
+        (True, True, []),
+        (True, True, ["attempt-2"]),
+    ], [a.state for a in attempts]
+    assert_failed_cleanly(stack, run, "step subflow/subflow", children=3)
     assert "ended Crashed" in run.state.message and oom in run.state.message
+    assert "(attempt 2 of 2)" in run.state.message
 
 
-def test_ten_concurrent_runs_never_mix_their_outputs(stack, serve):
+def step_runs(stack, run_id) -> dict[str, list]:
+    """A main run's step runs by flow name, oldest first."""
+    runs: dict[str, list] = {}
+    for child in sorted(stack.children(run_id), key=lambda child: child.created):
+        runs.setdefault(stack.flow_name(child), []).append(child)
+    return runs
+
+
+def assert_completed_once(stack, run, rows: list[dict[str, str]]) -> None:
+    """Completed and correct by content; each step completed exactly once (attempts that crashed
+    aside) and none of its runs left unfinished."""
+    assert run.state.is_completed(), run.state
+    output = stack.output(run)
+    subflow = output["results"]["subflow/subflow"]
+    assert subflow["rows"] == output["input"]["rows"] == len(rows)
+    for group in subflow["summary"]:
+        members = [r for r in rows if r["species"] == group["species"]]
+        mean = sum(float(r["sepal_length"]) for r in members) / len(members)
+        assert group["count"] == len(members) and abs(group["mean_sepal_length"] - mean) < 1e-3
+    with stack.api() as client:
+        assert client.read_variable_by_name(subflow["variable"]).value["summary"] == subflow["summary"]
+    attempts = step_runs(stack, run.id)
+    assert sorted(attempts) == ["subflow", "validate"], attempts
+    for flow, runs in attempts.items():
+        assert [r.state.type.value for r in runs] == ["CRASHED"] * (len(runs) - 1) + ["COMPLETED"], (flow, runs)
+    assert subflow["flow_run_id"] == str(attempts["subflow"][-1].id)
+
+
+def restart_server(stack) -> None:
+    stack.compose("restart", "prefect-server")
+    wait_for("the server to answer again", stack.running, 120)
+
+
+def test_ten_pipelines_at_once_through_two_server_restarts(stack, serve):
+    """The soak: ten pipelines in flight while the server restarts twice; none mixes, loses or
+    repeats a step."""
     rows = iris_rows()
     sources = {i: serve(f"part{i}.csv", to_csv(rows[i::10])) for i in range(10)}
     runs = {i: stack.start("main-flow/main", source=url) for i, url in sources.items()}  # at once
+    ids = [run.id for run in runs.values()]
+    for _ in range(2):
+        wait_for("a step running", lambda: steps_running(stack, ids), 300)
+        restart_server(stack)
     finished = {i: stack.wait_final(run.id, timeout=900) for i, run in runs.items()}
-    assert all(run.state.is_completed() for run in finished.values()), {i: r.state for i, r in finished.items()}
-    children = set()
+    for i, run in finished.items():
+        assert stack.output(run)["source"] == sources[i]
+        assert_completed_once(stack, run, rows[i::10])
+
+
+def steps_running(stack, ids: list) -> list:
+    parents = FlowRunFilter(
+        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=ids),
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])),
+    )
     with stack.api() as client:
-        for i, run in finished.items():
-            output, part = stack.output(run), rows[i::10]
-            subflow = output["results"]["subflow/subflow"]
-            assert output["source"] == sources[i] and subflow["rows"] == output["input"]["rows"] == len(part)
-            children.add(subflow["flow_run_id"])
-            for group in subflow["summary"]:
-                members = [r for r in part if r["species"] == group["species"]]
-                mean = sum(float(r["sepal_length"]) for r in members) / len(members)
-                assert group["count"] == len(members) and abs(group["mean_sepal_length"] - mean) < 1e-3
-            assert client.read_variable_by_name(subflow["variable"]).value["summary"] == subflow["summary"]
-    assert len(children) == 10
+        return client.read_flow_runs(flow_run_filter=parents)
 
 
 # One case per path through real containers; main_flow/test_main_flow.py has every refusal.
@@ -114,10 +156,14 @@ def test_bad_sources_fail_early_with_a_clear_message(stack, source, message):
     assert_failed_cleanly(stack, stack.run("main-flow/main", source=source), message)
 
 
-def test_bad_data_fails_early_and_leaves_nothing(stack, serve):
-    """One malformed file through real containers; the unit tests have every kind."""
-    run = stack.run("main-flow/main", source=serve("ragged.csv", "a,b\n1,2\n3\n"))
-    assert_failed_cleanly(stack, run, "a row has a different number of fields than the header")
+def test_a_source_over_max_bytes_once_decompressed_fails_early_and_leaves_nothing(stack, serve, tmp_path):
+    """1M rows of gzip CSV, under max_bytes as sent, over it inflated: refused while it streams,
+    before any step, and the parts already written go. The unit tests have every malformed file."""
+    plain = write_csv(iris_like(1_000_000, seed=3), tmp_path / "rows1m.csv").read_bytes()
+    packed = gzip.compress(plain, compresslevel=1)
+    limit = (len(packed) + len(plain)) // 2
+    run = stack.run("main-flow/main", source=serve("rows1m.csv.gz", packed), max_bytes=limit, part_rows=100_000)
+    assert_failed_cleanly(stack, run, f"rows1m.csv.gz' is larger than max_bytes={limit} once decompressed")
     assert not stack.exists(stack.layout(run.id).input)
 
 
@@ -171,41 +217,90 @@ def workers_online(stack) -> bool:
         )
 
 
-def test_restarts_keep_state_and_workers_reconnect(stack):
+def test_a_stack_down_and_up_keeps_its_state(stack):
+    """Postgres keeps everything on its volume; `up --wait` returns once the workers poll again."""
     assert stack.run("main-flow/main").state.is_completed()
     before = history(stack)
     assert all(before.values()), before
-
-    stack.compose("restart", "prefect-server")
+    stack.compose("down")
     stack.compose("up", "-d", "--wait")
-    assert history(stack) == before
-    wait_for("both workers online after the restart", lambda: workers_online(stack), timeout=120)
-    assert stack.run("main-flow/main").state.is_completed()
-
-    before = history(stack)
-    stack.compose("down")  # Postgres keeps everything on its volume
-    stack.compose("up", "-d", "--wait")
-    assert workers_online(stack)  # `up --wait` returns once the workers' healthchecks say so
+    assert workers_online(stack)
     assert history(stack) == before
     assert stack.run("main-flow/main").state.is_completed()
 
 
-def test_a_run_in_flight_across_a_server_restart_completes(stack):
-    """The main flow waits on a step while the server restarts; its client retries, nothing is lost.
+def restart_as_a_step_runs(service: str) -> Callable:
+    def fault(stack):
+        run = stack.start("main-flow/main")
+        child = stack.child(run.id, "subflow")
+        wait_for("the subflow step running", lambda: stack.read_run(child.id).state.is_running(), 120, every=0.1)
+        stack.compose("restart", service)
+        return run
 
-    The step's container is paused meanwhile: a container that starts its engine while the
-    server is down cannot load its run (Prefect retries a connection only after a client's first
-    success) and crashes, which the README says.
-    """
+    return fault
+
+
+def server_down_as_a_step_starts(stack):
+    """The step's container, frozen as it starts, runs its engine while the server is away."""
     run = stack.start("main-flow/main")
-    child = stack.child(run.id, "validate")
-    container = wait_for("the validate container", lambda: stack.containers(child.id, running=True), 120)
+    child = stack.child(run.id, "subflow")
+    container = wait_for("the step's container", lambda: stack.containers(child.id, running=True), 120, every=0.1)
     stack.sh("docker", "pause", *container)
+    stack.compose("stop", "prefect-server")
     try:
-        stack.compose("restart", "prefect-server")
-        wait_for("the server to answer again", stack.running, 120)
-    finally:
         stack.sh("docker", "unpause", *container)
-    main = stack.wait_final(run.id)
-    assert main.state.is_completed(), main.state
-    assert all(c.state.is_completed() for c in stack.children(run.id))
+        refused = re.compile(rf"/api/flow_runs/{child.id}\S* HTTP/1.1\" 50[24] ")  # the gateway's log
+        wait_for("the step to call the API in vain", lambda: refused.search(stack.compose("logs", "gateway").stdout))
+    finally:
+        stack.compose("start", "prefect-server")
+    return run
+
+
+def worker_away_as_a_step_waits(stack):
+    """Steps wait in their pool's queue: a run past its `step_timeout_s` cancels its step and
+    fails; the other one completes once the worker is back."""
+    stack.compose("stop", "worker-subflow")
+    try:
+        run = stack.start("main-flow/main")
+        late = stack.run("main-flow/main", step_timeout_s=10)
+        assert stack.child(run.id, "validate").state.is_scheduled()
+    finally:
+        stack.compose("start", "worker-subflow")
+    assert_failed_cleanly(stack, late, "did not finish within 10.0s", children=1)
+    assert f"Check that a worker is polling work pool '{stack.env()['SUBFLOW_POOL']}'" in late.state.message
+    assert stack.child(late.id, "validate").state.is_cancelled()
+    return run
+
+
+def registry_away_as_a_step_pulls(stack):
+    """The step's image must be pulled: its run crashes and is started again until the registry is back."""
+    stack.forget_image("subflow/subflow")
+    stack.compose("stop", "registry")
+    try:
+        run = stack.start("main-flow/main", steps=["validate/validate", {"step": "subflow/subflow", "retries": 8}])
+        first = wait_for("a crashed subflow", lambda: crashed(stack, run.id), 300)
+    finally:
+        stack.compose("start", "registry")
+    assert str(stack.registry_port) in first.state.message, first.state  # its pull from the registry failed
+    return run
+
+
+def crashed(stack, run_id) -> Any:
+    """The first step run of a main run that Crashed, if any."""
+    return next((c for runs in step_runs(stack, run_id).values() for c in runs if c.state.is_crashed()), None)
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        restart_as_a_step_runs("prefect-server"),
+        server_down_as_a_step_starts,
+        worker_away_as_a_step_waits,
+        registry_away_as_a_step_pulls,
+    ],
+    ids=["server restart", "server down at container start", "worker away", "registry away"],
+)
+def test_a_pipeline_in_flight_completes_through(stack, fault):
+    run = fault(stack)
+    wait_for("the server to answer again, from its database", stack.ready, 120)
+    assert_completed_once(stack, stack.wait_final(run.id), iris_rows())

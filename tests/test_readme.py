@@ -7,7 +7,7 @@ import json
 import re
 
 import pytest
-from harness import fill, project_copy, readme_blocks
+from harness import expected_summary, fill, project_copy, readme_blocks, run_a_file_of_yours
 
 pytestmark = pytest.mark.e2e
 
@@ -15,6 +15,12 @@ pytestmark = pytest.mark.e2e
 def run_id(watched: str) -> str:
     """The run id that `prefect deployment run --watch` printed."""
     return re.search(r"UUID: ([0-9a-f-]{36})", watched).group(1)
+
+
+def test_a_file_of_yours_runs_as_the_readme_says_uploaded_once(stack, tmp_path):
+    """README's first run on the file store; tests/test_storage.py has it on S3."""
+    _, output, table = run_a_file_of_yours(stack, tmp_path, seed=5)  # the volume's inbox: PIPELINE_DATA_URL
+    assert output["results"]["subflow/subflow"]["summary"] == expected_summary(table)
 
 
 def test_adding_a_component_as_the_readme_says(stack, tmp_path):

@@ -3,16 +3,17 @@ server by every `prefect deploy`, read by each main-flow run that passes no `ste
 
     push:
       - tools/pipeline.py:register_steps: {steps: *steps}    # prefect.yaml: runs on every deploy
-    python tools/pipeline.py check                           # make run: warn if they differ
+    python tools/pipeline.py run [SOURCE]                    # make run: warn if they differ, then run
 
 So `prefect deploy --name enrich` after `make component NAME=enrich` is enough for the next run
 to include enrich, and an edit of `steps` alone reaches the next run with `prefect deploy --name
 main` (main's image is unchanged, so nothing is built).
 """
 
+import os
 import sys
 from pathlib import Path
-from typing import TypedDict
+from typing import NoReturn, TypedDict
 
 import yaml
 from prefect.variables import Variable
@@ -52,7 +53,24 @@ def check() -> None:
         )
 
 
-if __name__ == "__main__":
-    if sys.argv[1:] != ["check"]:
-        sys.exit("usage: python tools/pipeline.py check")
+def run(source: str | None) -> NoReturn:
+    """`make run`: warn if the steps differ, upload `source` if it is a file, run and watch the pipeline."""
+    from inbox import upload  # tools/, on the path when run as a script (not in prefect deploy's import)
+
     check()
+    command = ["prefect", "deployment", "run", "main-flow/main", "--watch"]
+    if source:
+        if source.startswith(("/", "./", "../", "~")):  # a path (make mounts yours at /upload/)
+            try:
+                source, new = upload(Path(source))
+            except FileNotFoundError as exc:
+                sys.exit(f"error: {exc}")
+            print(f"{'uploaded to' if new else 'already in'} the inbox: {source}", flush=True)
+        command += ["--param", f"source={source}"]
+    os.execvp(command[0], command)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["run"] or len(sys.argv) > 3:
+        sys.exit("usage: python tools/pipeline.py run [SOURCE]")
+    run(sys.argv[2] if len(sys.argv) == 3 else None)

@@ -8,7 +8,7 @@ from pipeline_worker import Policy, PolicyViolation, memory_bytes
 POOLS = Path(__file__).resolve().parent.parent / "pools"
 ENV = {
     "PIPELINE_DATA_URL": "file:///store", "AWS_ENDPOINT_URL": "", "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
-    "AWS_DEFAULT_REGION": "", "SOURCE_ALLOW_HOSTS": "", "FLOW_UID": "10001", "REGISTRY": "registry.example:5000",
+    "AWS_DEFAULT_REGION": "", "SOURCE_ALLOW": "", "FLOW_UID": "10001", "REGISTRY": "registry.example:5000",
     "STACK_NETWORK": "stack_default", "DATA_VOLUME": "stack_data:/data", "FLOW_API_URL": "http://gateway:4201/api",
     "FLOW_AUTH_STRING": "flow:secret",
 }  # fmt: skip
@@ -80,11 +80,11 @@ def test_the_environment_is_the_pools_with_the_flow_credential(policy):
     }  # fmt: skip
     env = policy.environment(given, "run-1", worker_keys={"PREFECT_WORKER_QUERY_SECONDS"})
     assert env["PREFECT_API_AUTH_STRING"] == "flow:secret" and env["PREFECT_API_URL"] == "http://gateway:4201/api"
-    assert env["PIPELINE_DATA_URL"] == "file:///store" and "SOURCE_ALLOW_HOSTS" not in env  # empty: dropped
+    assert env["PIPELINE_DATA_URL"] == "file:///store" and "SOURCE_ALLOW" not in env  # empty: dropped
     assert env["PREFECT__FLOW_RUN_ID"] == "run-1" and "PREFECT_WORKER_QUERY_SECONDS" not in env
     assert env["COMPONENT_IMAGE"] == "registry.example:5000/subflow@sha256:abc"
-    with pytest.raises(PolicyViolation, match="not in the pool's list: BROWSER, PYTHONWARNINGS, SOURCE_ALLOW_HOSTS"):
-        policy.environment({"PYTHONWARNINGS": "x", "BROWSER": "y", "SOURCE_ALLOW_HOSTS": "*"}, "run-1", set())
+    with pytest.raises(PolicyViolation, match="not in the pool's list: BROWSER, PYTHONWARNINGS, SOURCE_ALLOW"):
+        policy.environment({"PYTHONWARNINGS": "x", "BROWSER": "y", "SOURCE_ALLOW": "*"}, "run-1", set())
 
 
 def test_memory_notation():
