@@ -1,5 +1,6 @@
 """End to end on real Docker, as the README says: stack up, deploy, run the three-component pipeline."""
 
+import subprocess
 import time
 
 import pytest
@@ -13,11 +14,19 @@ FORMAT = '{{index .Actor.Attributes "io.prefect.flow-run-id"}} {{.Actor.ID}} {{.
 
 @pytest.fixture(scope="module")
 def pipeline_run(stack):
-    """One run of the default pipeline on the shipped data: (main run, its output, start time)."""
-    started = time.time() - 1
-    main = stack.run("main-flow/main")
+    """One run of the default pipeline on the shipped data: (main run, its output, the flow-run
+    containers that started meanwhile as {run id: [container, image]})."""
+    # Followed as a stream: dockerd keeps only its last 256 events, which healthchecks fill in a minute.
+    args = ["docker", "events", "--since", f"{time.time() - 1:.0f}", "--filter", "event=start",
+            "--filter", "label=io.prefect.flow-run-id", "--format", FORMAT]  # fmt: skip
+    events = subprocess.Popen(args, env=stack.env(), stdout=subprocess.PIPE, text=True)
+    try:
+        main = stack.run("main-flow/main")
+    finally:
+        events.terminate()
     assert main.state.is_completed(), main.state
-    return main, stack.output(main), started
+    starts = {line.split()[0]: line.split()[1:] for line in events.communicate(timeout=30)[0].splitlines() if line}
+    return main, stack.output(main), starts
 
 
 def test_steps_run_in_order_each_a_child_of_the_main_run(stack, pipeline_run):
@@ -35,13 +44,7 @@ def test_steps_run_in_order_each_a_child_of_the_main_run(stack, pipeline_run):
 
 
 def test_each_flow_ran_in_its_own_container_from_its_own_image(stack, pipeline_run):
-    main, output, started = pipeline_run
-    events = stack.sh(
-        "docker", "events", "--since", f"{started:.0f}", "--until", f"{time.time():.0f}",
-        "--filter", "event=start", "--filter", "label=io.prefect.flow-run-id",
-        "--format", FORMAT,
-    ).stdout.split("\n")  # fmt: skip
-    starts = {line.split()[0]: line.split()[1:] for line in events if line}
+    main, output, starts = pipeline_run
     runs = {"main_flow": (main.id, output["main_image"])} | {
         name.split("/")[0]: (r["flow_run_id"], r["image"]) for name, r in output["results"].items()
     }
