@@ -256,9 +256,9 @@ class Stack:
             timeout=timeout,
         )
 
-    def children(self, run_id: Any) -> list[FlowRun]:
-        """The step runs that a main run started."""
-        parent = FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id]))
+    def children(self, *run_ids: Any) -> list[FlowRun]:
+        """The step runs that main runs started."""
+        parent = FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=list(run_ids)))
         with self.api() as client:
             return client.read_flow_runs(flow_run_filter=parent)
 
