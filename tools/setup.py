@@ -42,7 +42,8 @@ def save_blocks() -> None:
 def apply_automations(path: Path) -> None:
     """Create or replace each automation of the file, by name."""
     with get_client(sync_client=True) as client:
-        for spec in json.loads(path.read_text()):
+        for spec in render(json.loads(path.read_text())):
+            spec["trigger"]["within"] = int(spec["trigger"]["within"])  # seconds, from .env as text
             automation = AutomationCore.model_validate(spec)
             for old in client.read_automations_by_name(automation.name):
                 client.delete_automation(old.id)

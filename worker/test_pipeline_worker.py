@@ -1,9 +1,11 @@
-"""The workers' container policy (pipeline_worker.py) against the repository's pools/."""
+"""The workers' container policy (pipeline_worker/policy.py) against the repository's pools/, and how they
+put a container's end into words (pipeline_worker/exits.py)."""
 
 from pathlib import Path
 
 import pytest
 from pipeline_worker import Policy, PolicyViolation, memory_bytes
+from pipeline_worker.exits import TAIL_BYTES, TAIL_LINES, Exit, tail_of
 
 POOLS = Path(__file__).resolve().parent.parent / "pools"
 ENV = {
@@ -11,7 +13,11 @@ ENV = {
     "AWS_DEFAULT_REGION": "", "SOURCE_ALLOW": "", "FLOW_UID": "10001", "REGISTRY": "registry.example:5000",
     "STACK_NETWORK": "stack_default", "DATA_VOLUME": "stack_data:/data", "FLOW_API_URL": "http://gateway:4201/api",
     "FLOW_AUTH_STRING": "flow:secret", "PREFECT_CLIENT_MAX_RETRIES": "6", "PREFECT_CLIENT_RETRY_EXTRA_CODES": "500",
+    "FLOW_HEARTBEAT_SECONDS": "30",
 }  # fmt: skip
+
+
+RUN = "0b6e8d7e-3a1f-4c2b-9d5e-7f8a9b0c1d2e"
 
 
 @pytest.fixture
@@ -23,17 +29,18 @@ def settings(**changes: object) -> dict:
     """Container settings as prefect-docker builds them from the repository's template."""
     base = {
         "image": "registry.example:5000/subflow@sha256:" + "0" * 64, "network": "stack_default", "network_mode": None,
-        "command": "python -m prefect.engine", "environment": {}, "auto_remove": True, "labels": {},
-        "extra_hosts": None, "name": "run", "volumes": ["stack_data:/data"], "mem_limit": "1g",
+        "command": "python -m prefect.engine", "environment": {}, "auto_remove": False, "labels": {},
+        "extra_hosts": None, "name": f"flow-{RUN}", "volumes": ["stack_data:/data"], "mem_limit": "1g",
         "memswap_limit": "1g", "privileged": False, "user": "10001:10001", "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges:true"], "read_only": True,
         "tmpfs": {"/tmp": "rw,nosuid,nodev,size=512m"}, "pids_limit": 512, "nano_cpus": 10**9,
+        "log_config": {"type": "json-file", "config": {"max-size": "10m", "max-file": "2"}},
     }  # fmt: skip
     return {**base, **changes}
 
 
 def test_the_templates_own_container_passes(policy):
-    policy.check(settings())
+    policy.check(settings(), ["stack_default"])
 
 
 @pytest.mark.parametrize(
@@ -56,19 +63,29 @@ def test_the_templates_own_container_passes(policy):
         ({"pids_limit": 10**6}, "pids_limit 1000000 outside"),
         ({"command": "sh -c 'id'"}, "command"),
         ({"extra_hosts": {"metadata.internal": "169.254.169.254"}}, "extra hosts"),
+        ({"name": "gateway"}, "name 'gateway' is not the worker's own"),
+        ({"name": f"flow-{RUN}.evil"}, "is not the worker's own"),
+        ({"auto_remove": True}, "auto_remove True"),
+        ({"log_config": {"type": "json-file", "config": {}}}, "log_config"),
     ],
 )
 def test_each_violation_is_refused_by_name(policy, changes, named):
     with pytest.raises(PolicyViolation, match="refused by pools/policy.json") as refused:
-        policy.check(settings(**changes))
+        policy.check(settings(**changes), ["stack_default"])
     assert named in str(refused.value)
+
+
+@pytest.mark.parametrize("networks", [["stack_default", "other_backend"], ["other"], []])
+def test_every_network_is_checked_not_only_the_first(policy, networks):
+    with pytest.raises(PolicyViolation, match=r"networks \["):
+        policy.check(settings(), networks)
 
 
 def test_host_network_only_where_the_worker_has_it():
     remote = Policy(POOLS, {**ENV, "STACK_NETWORK": "", "DATA_VOLUME": "", "FLOW_HOST_NETWORK": "host"})
-    remote.check(settings(network=None, network_mode="host", volumes=[]))
+    remote.check(settings(network=None, network_mode="host", volumes=[]), [])
     with pytest.raises(PolicyViolation, match="volumes"):
-        remote.check(settings(network=None, network_mode="host"))
+        remote.check(settings(network=None, network_mode="host"), [])
 
 
 def test_the_environment_is_the_pools_with_the_flow_credential(policy):
@@ -97,3 +114,46 @@ def test_memory_notation():
         0,
         0,
     ]
+
+
+def test_the_tail_is_bounded_in_lines_and_bytes_and_redacted():
+    output = "".join(f"line {i} https://user:pass@host/x?X-Amz-Signature=abc token-123\n" for i in range(500))
+    tail = tail_of(output.encode(), secrets=["token-123"])
+    lines = tail.splitlines()
+    assert len(lines) == TAIL_LINES and lines[-1].startswith("line 499 ")
+    assert len(tail.encode()) <= TAIL_BYTES
+    assert "pass" not in tail and "X-Amz-Signature" not in tail and "token-123" not in tail
+    assert lines[-1] == "line 499 https://host/x ***"
+    wide = tail_of(("x" * 100_000 + "\nlast\n").encode())
+    assert len(wide.encode()) <= TAIL_BYTES and wide.endswith("\nlast")
+
+
+IMPORT_FAILED = """\
+14:02:01.123 | ERROR   | Flow run 'brisk-owl' - Unexpected exception encountered when trying to load flow
+Traceback (most recent call last):
+  File "/opt/prefect/pipeline/broken/broken.py", line 3, in <module>
+    import notinstalled
+ModuleNotFoundError: No module named 'notinstalled'
+"""
+
+
+@pytest.mark.parametrize(
+    "ended, failed, reason",
+    [
+        (Exit(1, False, IMPORT_FAILED, started=False), True, "ModuleNotFoundError: No module named 'notinstalled' "
+         "(the component could not be loaded: add the module's package to the component's requirements.txt"),
+        # The same exit once the flow ran is the engine's, not the component's import: retried.
+        (Exit(1, False, IMPORT_FAILED, started=True), False, "ModuleNotFoundError: No module named 'notinstalled'"),
+        (Exit(1, False, "httpx.ConnectError: [Errno 111] Connection refused", started=False), False,
+         "httpx.ConnectError: [Errno 111] Connection refused"),
+        (Exit(137, True, "", True, "40m", "8g"), False,
+         "Killed for memory: it went over its mem_limit of 40m; raise mem_limit in its deployment's job_variables, "
+         "at most 8g (pools/policy.json)."),
+        (Exit(137, False, "", True, "1g", "8g"), False, "Killed (SIGKILL), not for memory"),
+        (Exit(2, False, "usage: something\n\n", started=False), False, "usage: something"),
+    ],
+)  # fmt: skip
+def test_an_exit_says_why_in_one_line_and_whether_it_is_the_components_own(ended, failed, reason):
+    assert ended.own_failure is failed
+    assert ended.reason().startswith(reason) and "\n" not in ended.reason()
+    assert ended.message().startswith(f"Flow run infrastructure exited with non-zero status code {ended.code}. ")

@@ -1,13 +1,10 @@
-"""The platform's worker type, `pipeline-docker`: prefect-docker's Docker worker that enforces the
-repository's policy (pools/policy.json) on every container it creates, whatever the server says.
+"""What a flow container may be: the repository's pools/docker.json as this worker renders it,
+within the bounds of pools/policy.json, whatever the server's template or a run's job variables say.
 
 A work pool's template, a run's job variables and `POST /flow_runs/` all come from the API, so
-anyone holding a credential could ask for a privileged container or another image. This worker
-renders the repository's own pools/docker.json with its own environment and crashes the run,
-naming the violation, before it creates a container that differs from it or exceeds the bounds.
-Flow containers get the gateway's flow credential (FLOW_API_URL, /secrets/flow-auth-string),
-never the worker's admin one. The registry's credentials come from /secrets too, not from the
-template, which flow runs may read.
+anyone holding a credential could ask for a privileged container or another image. The worker
+renders its own copy of the template with its own environment and refuses, naming every
+violation, a container that differs from it or exceeds the bounds.
 """
 
 import json
@@ -19,7 +16,6 @@ from typing import Any
 
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from prefect_docker.credentials import DockerRegistryCredentials
-from prefect_docker.worker import DockerWorker, DockerWorkerJobConfiguration
 
 POOLS = Path(os.environ.get("PIPELINE_POOLS", "/project/pools"))
 SECRETS = Path("/secrets")
@@ -31,6 +27,9 @@ BASE_SETTINGS = {
 }  # fmt: skip
 UNITS = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 HOST_GATEWAY = {"host.docker.internal": "host-gateway"}
+# The worker names every container after its run: never the name a run asks for (it would be a
+# network alias on the stack's network, e.g. `gateway`).
+CONTAINER_NAME = re.compile(r"flow-[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}")
 
 
 class PolicyViolation(Exception):
@@ -81,7 +80,8 @@ class Policy:
         env.setdefault("RESULTS_STORAGE_BLOCK", results_block(env.get("PIPELINE_DATA_URL", "")))
         self.expected = render(json.loads((pools / "docker.json").read_text())["job_configuration"], env)
         bounds = json.loads((pools / "policy.json").read_text())
-        self.max_memory = memory_bytes(bounds["max_mem_limit"])
+        self.max_mem_limit = bounds["max_mem_limit"]
+        self.max_memory = memory_bytes(self.max_mem_limit)
         self.max_cpus, self.max_pids = int(bounds["max_nano_cpus"]), int(bounds["max_pids_limit"])
         self.registry = env["REGISTRY"]
         self.flow_env = {
@@ -114,26 +114,30 @@ class Policy:
             registry_url=self.registry,
         )
 
-    def check(self, settings: dict[str, Any]) -> None:
-        """Refuse container settings outside the policy, naming every violation."""
+    def check(self, settings: dict[str, Any], networks: list[str]) -> None:
+        """Refuse container settings outside the policy, naming every violation; `networks` are
+        all the networks the container joins (prefect-docker connects those after the first
+        once the container exists)."""
         get, expected = settings.get, self.expected
         kwargs = expected.get("container_create_kwargs", {})
         fixed = {key: value for key, value in kwargs.items() if not str(value).startswith("{{")}
         extra = sorted(set(settings) - BASE_SETTINGS - set(kwargs))
-        image, networks = str(get("image")), expected.get("networks", [])
+        image = str(get("image"))
         modes = (None, "host") if self.host_network else (None,)
         memory = memory_bytes(get("mem_limit"))
         problems = {
             f"settings outside the template: {', '.join(extra)}": bool(extra),
             f"image {image!r} is not from the registry {self.registry}": not image.startswith(f"{self.registry}/"),
+            f"name {get('name')!r} is not the worker's own": not CONTAINER_NAME.fullmatch(str(get("name"))),
             "privileged": get("privileged") is not False,
             f"network mode {get('network_mode')!r}": get("network_mode") not in modes,
-            f"network {get('network')!r}": get("network") != (networks[0] if networks else None),
+            f"networks {networks!r}": list(networks) != expected.get("networks", []),
             f"volumes {get('volumes')!r}": list(get("volumes") or []) != expected.get("volumes", []),
             f"command {get('command')!r}": get("command") != expected.get("command"),
             # prefect-docker maps host.docker.internal for an API on loopback: the host, nothing more.
             f"extra hosts {get('extra_hosts')!r}": get("extra_hosts") not in (None, {}, HOST_GATEWAY),
-            "auto_remove off": get("auto_remove") is not True,
+            # The worker removes each container itself, once it has read how it ended.
+            f"auto_remove {get('auto_remove')!r}": get("auto_remove") is not expected.get("auto_remove"),
             f"mem_limit {get('mem_limit')!r} outside 1..{self.max_memory} bytes": not 0 < memory <= self.max_memory,
             "memswap_limit differs from mem_limit": get("memswap_limit") != get("mem_limit"),
             f"nano_cpus {get('nano_cpus')!r} outside 1..{self.max_cpus}": not 0
@@ -146,26 +150,3 @@ class Policy:
         problems.update({f"{key} {get(key)!r}, not {value!r}": get(key) != value for key, value in fixed.items()})
         if refused := [message for message, violated in problems.items() if violated]:
             raise PolicyViolation(f"refused by pools/policy.json: {'; '.join(refused)}")
-
-
-class PolicyDockerWorker(DockerWorker):
-    """A Docker worker that creates only the containers the repository's policy allows."""
-
-    type = "pipeline-docker"
-    job_configuration = DockerWorkerJobConfiguration
-    _description = "Docker worker that enforces this repository's container policy (pools/policy.json)."
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.policy = Policy()
-
-    async def run(self, flow_run, configuration: DockerWorkerJobConfiguration, task_status=None):  # noqa: ANN001, ANN201
-        worker_keys = set(configuration._base_environment())
-        configuration.env = self.policy.environment(configuration.env, str(flow_run.id), worker_keys)
-        configuration.registry_credentials = self.policy.registry_credentials()
-        return await super().run(flow_run, configuration, task_status)
-
-    def _build_container_settings(self, docker_client, configuration):  # noqa: ANN001, ANN202
-        settings = super()._build_container_settings(docker_client, configuration)
-        self.policy.check(settings)
-        return settings
