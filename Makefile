@@ -58,8 +58,8 @@ lint: $(BIN)/pytest
 lock: $(BIN)/pytest  ## Recompile every requirements.lock and requirements-dev.lock
 	$(BIN)/python tools/lock.py
 
-bench: $(BIN)/pytest  ## Latency, hops, sizes, throughput, redeploys: docker vs process workers; ARGS="--smoke" etc.
-	$(BIN)/python bench/benchmark.py $(ARGS)
+bench: $(BIN)/pytest  ## Every stage on a stack of its own: bench/results.json, charts, bench/README.md; ARGS="--smoke" etc.
+	$(BIN)/python -m bench $(ARGS)
 
 down:  ## Stop your stack; volumes (database, registry, data) stay
 	docker compose down

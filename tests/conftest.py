@@ -1,19 +1,28 @@
 """The e2e tests' stack: a compose project of their own, beside (never instead of) the user's."""
 
+import os
 import tempfile
 from pathlib import Path
 
 import pytest
-from harness import CI, SOURCES_BUCKET, Stack, docker_available
 
-DATA = Path(tempfile.mkdtemp(prefix="pipeline-testdata-"))  # served by tests/compose.yml `testdata`
+from tests.harness import CI, SOURCES_BUCKET, Stack, docker_available
+
+# PIPELINE_TEST_KEEP=1 (developers): leave the test stack up after the session and use it again in
+# the next, to iterate on one test without its two-minute start.
+KEEP = os.environ.get("PIPELINE_TEST_KEEP") == "1"
+# Served by tests/compose.yml `testdata`: a directory the stack's container keeps mounted.
+DATA = Path(tempfile.gettempdir(), "pipeline-testdata") if KEEP else Path(tempfile.mkdtemp(prefix="pipeline-testdata-"))
 DATA_URL = "http://testdata:8000"
 TEST = Stack(
     "modular-pipeline-test",
     prefect_port=14200,
     registry_port=15000,
     s3_port=19000,
-    overrides={"SOURCE_ALLOW": f"{DATA_URL}/,s3://{SOURCES_BUCKET}/", "TEST_DATA": str(DATA)},
+    overrides={
+        "SOURCE_ALLOW": f"{DATA_URL}/,s3://{SOURCES_BUCKET}/",
+        "TEST_DATA": str(DATA),
+    },
 )
 
 
@@ -46,11 +55,14 @@ def stack():
         )
     if before is None and CI:
         pytest.fail("CI=true: bring the user's stack up first (make pipeline), so the suite proves it stays untouched")
+    DATA.mkdir(exist_ok=True)
     DATA.chmod(0o755)
-    TEST.down()  # what an interrupted session may have left
+    if not KEEP:
+        TEST.down()  # what an interrupted session may have left
     TEST.up()
     TEST.deploy()
     yield TEST
-    TEST.down()
+    if not KEEP:
+        TEST.down()
     if before is not None:
         assert user.snapshot() == before, "the test suite changed the user's stack"

@@ -42,15 +42,23 @@ S3_KEYS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DE
 SOURCES_BUCKET = "sources"
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 60, every: float = 0.5) -> Any:
-    """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
+# How long an e2e test waits for a pipeline run that normally takes seconds: a hung run fails its
+# test fast, naming itself, its state and the workers' last lines, instead of eating the CI budget.
+RUN_DEADLINE = 180
+
+
+def wait_for(
+    what: str, check: Callable[[], Any], timeout: float = 60, every: float = 0.5, diagnose: Callable[[], str] = str
+) -> Any:
+    """Poll `check` until it returns something truthy; fail after `timeout` seconds, naming `what`
+    and adding what `diagnose` says."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{diagnose()}".rstrip())
         time.sleep(every)
 
 
@@ -241,7 +249,7 @@ class Stack:
                 parameters.setdefault("refresh", "all")
             return client.create_flow_run_from_deployment(found.id, parameters=parameters, job_variables=job_variables)
 
-    def run(self, deployment: str, timeout: float = 600, **parameters: Any) -> FlowRun:
+    def run(self, deployment: str, timeout: float = RUN_DEADLINE, **parameters: Any) -> FlowRun:
         """Run a deployment and wait until the run is final."""
         return self.wait_final(self.start(deployment, **parameters).id, timeout)
 
@@ -249,12 +257,23 @@ class Stack:
         with self.api() as client:
             return client.read_flow_run(run_id)
 
-    def wait_final(self, run_id: Any, timeout: float = 600) -> FlowRun:
+    def wait_final(self, run_id: Any, timeout: float = RUN_DEADLINE) -> FlowRun:
         return wait_for(
             f"run {run_id} to finish",
             lambda: (run := self.read_run(run_id)).state and run.state.is_final() and run,
             timeout=timeout,
+            diagnose=lambda: self.diagnosis(run_id),
         )
+
+    def diagnosis(self, run_id: Any) -> str:
+        """What a hung run looks like: its state, its step runs' states, the workers' last lines."""
+        runs = [self.read_run(run_id), *sorted(self.children(run_id), key=lambda r: r.created)]
+        states = "\n".join(
+            f"  {r.name} ({r.id}): {r.state.name} {r.state.message or ''}" if r.state else f"  {r.name}: no state"
+            for r in runs
+        )
+        logs = self.compose("logs", "--no-log-prefix", "--tail", "30", "worker-flow", "worker-subflow", check=False)
+        return f"runs:\n{states}\nthe workers' last lines:\n{logs.stdout[-6000:]}"
 
     def children(self, *run_ids: Any) -> list[FlowRun]:
         """The step runs that main runs started."""

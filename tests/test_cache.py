@@ -7,8 +7,9 @@ import re
 
 import pyarrow as pa
 import pytest
-from harness import SETTINGS, expected_summary, iris_like, write_csv
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+from tests.harness import SETTINGS, expected_summary, iris_like, write_csv
 
 pytestmark = pytest.mark.e2e
 

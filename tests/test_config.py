@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from harness import ROOT, SETTINGS
 from packaging.specifiers import SpecifierSet
+
+from tests.harness import ROOT, SETTINGS
 
 sys.path.insert(0, str(ROOT / "tools"))
 import image_tag  # noqa: E402

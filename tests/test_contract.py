@@ -19,12 +19,12 @@ import pyarrow.parquet
 import pytest
 import typing_extensions
 import yaml
-from harness import iris_like
 from prefect.utilities.callables import parameter_schema
 
 import stepkit
 from conftest import ROOT, CountingFileSystem
 from stepkit import WIRE, Dataset, Out, Output, RunLayout, step, verify, write_parquet
+from tests.harness import iris_like
 
 SAMPLE = {
     "wire": WIRE,

@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from harness import ROOT
+
+from tests.harness import ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))
 import inbox  # noqa: E402

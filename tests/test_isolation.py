@@ -5,7 +5,8 @@ import os
 import subprocess
 
 import pytest
-from harness import ROOT
+
+from tests.harness import ROOT
 
 pytestmark = pytest.mark.e2e
 

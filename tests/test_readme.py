@@ -7,7 +7,8 @@ import json
 import re
 
 import pytest
-from harness import expected_summary, fill, project_copy, readme_blocks, run_a_file_of_yours
+
+from tests.harness import expected_summary, fill, project_copy, readme_blocks, run_a_file_of_yours
 
 pytestmark = pytest.mark.e2e
 

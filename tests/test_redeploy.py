@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import fill, project_copy, readme_blocks, wait_for
+
+from tests.harness import fill, project_copy, readme_blocks, wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -7,12 +7,14 @@ import sys
 from pathlib import Path
 
 import yaml
-from harness import ROOT
 from prefect.settings import PREFECT_API_URL
+
+from tests.harness import ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))
 import component  # noqa: E402
-import test_contract  # noqa: E402
+
+from tests import test_contract  # noqa: E402
 
 # The generated test asks for `prefect_api` (here, the server this test already runs) and
 # `run_dir` (as the repository's conftest.py has it).

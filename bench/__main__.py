@@ -1,0 +1,82 @@
+"""`make bench`: every stage of the benchmark on a stack of its own, one results file, its charts,
+and bench/README.md's tables generated from them.
+
+    .venv/bin/python -m bench                              # make bench: every stage (about an hour here)
+    .venv/bin/python -m bench --stages latency cached      # some stages
+    .venv/bin/python -m bench --smoke                      # each stage once, at its smallest size
+    .venv/bin/python -m bench --stages latency --before <git ref>   # the main flow then and now
+    .venv/bin/python -m bench --report bench/results.json  # no run: that file's tables into bench/README.md
+"""
+
+import argparse
+import dataclasses
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import charts, report
+from bench.stack import Bench
+from bench.stages import STAGES, Plan
+
+HERE = Path(__file__).resolve().parent
+README = HERE / "README.md"
+
+
+def run(bench: Bench, plan: Plan, stages: list[str], out: Path, chart_dir: Path) -> dict[str, Any]:
+    """Run `stages` on `bench`, one after another; write every sample to `out` as each stage ends
+    (what is done survives a failure), then the charts into `chart_dir`."""
+    results: dict[str, Any] = {
+        "when": datetime.now(UTC).isoformat(),
+        "plan": "smoke" if plan == Plan.smoke() else "full" if plan == Plan() else "custom",
+        "args": {**dataclasses.asdict(plan), "stages": stages, "designs": bench.designs},
+        "seconds": {},
+    }
+    for name in stages:
+        print(f"[bench] {name} ...", flush=True)
+        started = time.monotonic()
+        results[name] = STAGES[name](bench, plan)
+        results["seconds"][name] = round(time.monotonic() - started, 1)
+        print(f"[bench] {name}: {results['seconds'][name]:.0f} s", flush=True)
+        out.write_text(json.dumps(results, indent=2, default=str))
+    results["charts"] = [path.name for path in charts.draw(results, chart_dir)]
+    out.write_text(json.dumps(results, indent=2, default=str))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--stages", nargs="*", default=list(STAGES), choices=list(STAGES), help="the figures to measure"
+    )
+    parser.add_argument("--smoke", action="store_true", help="each stage once, at its smallest size")
+    parser.add_argument("--before", metavar="REF", help="also time the main flow as of this git ref")
+    parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    parser.add_argument("--charts", type=Path, default=HERE, help="where the charts go")
+    parser.add_argument("--keep", action="store_true", help="leave the benchmark's stack up afterwards")
+    parser.add_argument("--report", type=Path, metavar="RESULTS", help="write RESULTS' tables into bench/README.md")
+    args = parser.parse_args()
+    if args.report:
+        report.write_into(README, json.loads(args.report.read_text()))
+        print(f"{README}: tables from {args.report}")
+        return
+    plan = Plan.smoke() if args.smoke else Plan()
+    bench = Bench.own()
+    bench.up()
+    try:
+        if args.before:
+            bench.before(args.before)
+        results = run(bench, plan, args.stages, args.out, args.charts)
+    finally:
+        if not args.keep:
+            bench.stack.down()
+    print(report.report(results))
+    if plan == Plan() and args.stages == list(STAGES) and args.out == HERE / "results.json":
+        report.write_into(README, results)  # a full run is the one the README shows
+        print(f"{README}: tables updated")
+    print(f"results: {args.out}; charts: {', '.join(results['charts'])} in {args.charts}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Where the benchmark runs: a stack (tests/harness.py), the process-worker baseline beside it and
+the test data it serves.
+
+`make bench` brings up a stack of its own (project modular-pipeline-bench), never yours. Its smoke
+(tests/test_benchmark.py) borrows the e2e tests' stack instead, and adds the baseline for as long
+as it runs.
+"""
+
+import dataclasses
+import gzip
+import io
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolUpdate
+
+from tests.harness import PREFECT, ROOT, SETTINGS, Stack, iris_like, project_copy, write_csv
+
+BASELINE = "bench/compose.baseline.yml"
+# The baseline's pools: the same components on process workers (bench/compose.baseline.yml).
+POOLS = {
+    "BASELINE_FLOW_POOL": "flow-process",
+    "BASELINE_VALIDATE_POOL": "validate-process",
+    "BASELINE_SUBFLOW_POOL": "subflow-process",
+}
+PROCESS_WORKERS = ("process-main_flow", "process-validate", "process-subflow")
+DATA_URL = "http://testdata:8000"  # the stack's test data server (tests/compose.yml), as flows see it
+
+
+@dataclasses.dataclass
+class Bench:
+    """A stack with the baseline beside it, and the directory its test data server serves."""
+
+    stack: Stack
+    data: Path
+    designs: dict[str, str] = dataclasses.field(
+        default_factory=lambda: {"docker": "main-flow/main", "process": "main-flow/main-process"}
+    )
+
+    @classmethod
+    def own(cls) -> "Bench":
+        """The benchmark's own stack, beside yours: its project, ports and data."""
+        data = Path(tempfile.mkdtemp(prefix="bench-data-"))
+        stack = Stack(
+            "modular-pipeline-bench", prefect_port=34200, registry_port=35000, s3_port=39000,
+            overrides={"SOURCE_ALLOW": f"{DATA_URL}/", "TEST_DATA": str(data)},
+        )  # fmt: skip
+        return cls(stack, data)
+
+    @classmethod
+    def on(cls, stack: Stack) -> "Bench":
+        """A stack that is up already (the e2e tests'), which serves TEST_DATA."""
+        return cls(stack, Path(stack.overrides["TEST_DATA"]))
+
+    def __post_init__(self) -> None:
+        # The same project, with the baseline's services and pools added to its compose files.
+        self.stack = dataclasses.replace(
+            self.stack,
+            extra_files=tuple(dict.fromkeys((*self.stack.extra_files, BASELINE))),
+            overrides={**self.stack.overrides, **POOLS},
+        )
+
+    def up(self) -> None:
+        """The whole stack, deployed, then the baseline."""
+        self.data.chmod(0o755)
+        self.stack.down()
+        self.stack.up()
+        self.stack.deploy()
+        self.baseline()
+
+    def baseline(self) -> None:
+        """The process workers and their deployments, with the docker design's parameters and limits."""
+        self.stack.compose("up", "-d", "--build", "--wait", *PROCESS_WORKERS, timeout=1800)
+        self.stack.sh(PREFECT, "--no-prompt", "deploy", "--prefect-file", "bench/prefect.yaml", "--all")
+        with self.stack.api() as client:
+            docker_validate = client.read_deployment_by_name("validate/validate")
+            process_validate = client.read_deployment_by_name("validate/validate-process")
+            client.update_deployment(process_validate.id, DeploymentUpdate(parameters=docker_validate.parameters))
+            limits = {
+                POOLS["BASELINE_FLOW_POOL"]: SETTINGS["FLOW_POOL_LIMIT"],
+                POOLS["BASELINE_VALIDATE_POOL"]: SETTINGS["SUBFLOW_POOL_LIMIT"],
+                POOLS["BASELINE_SUBFLOW_POOL"]: SETTINGS["SUBFLOW_POOL_LIMIT"],
+            }
+            for pool, limit in limits.items():
+                client.update_work_pool(pool, WorkPoolUpdate(concurrency_limit=int(limit)))
+
+    def baseline_down(self) -> None:
+        """Remove the baseline from a borrowed stack: its pools and deployments stay, unpolled."""
+        self.stack.compose("rm", "--stop", "--force", *PROCESS_WORKERS, timeout=300)
+
+    def before(self, ref: str) -> None:
+        """The main flow as of git `ref` (today's steps and pools), deployed beside today's as main-flow/before."""
+        with tempfile.TemporaryDirectory() as tmp:
+            project = project_copy(Path(tmp))
+            archive = subprocess.run(["git", "archive", ref, "main_flow"], cwd=ROOT, capture_output=True, check=True)
+            shutil.rmtree(project / "main_flow")
+            with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+                tar.extractall(project, filter="data")
+            config = project / "prefect.yaml"
+            config.write_text(config.read_text().replace("    name: main\n", "    name: before\n", 1))
+            self.stack.deploy("before", cwd=project)
+        self.designs["before"] = "main-flow/before"
+
+    def serve(self, rows: int, form: str = "csv") -> str:
+        """`rows` random Iris-like rows (seed `rows`) on the test data server as `form` (csv, csv.gz
+        or parquet, each with the CSV's own column types); their URL as the flows see it."""
+        plain, path = self.data / f"rows{rows}.csv", self.data / f"rows{rows}.{form}"
+        if not plain.exists():
+            write_csv(iris_like(rows, seed=rows), plain)
+        if not path.exists():
+            if form == "csv.gz":
+                path.write_bytes(gzip.compress(plain.read_bytes()))
+            else:
+                pq.write_table(pacsv.read_csv(plain), path)
+            path.chmod(0o644)
+        return f"{DATA_URL}/{path.name}"

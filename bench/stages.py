@@ -1,0 +1,299 @@
+"""The benchmark's stages: each measures one figure of the pipeline, with the sizes and repeats of
+a `Plan` (the full one, or the smoke's: each stage once, at its smallest size)."""
+
+import dataclasses
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.measure import CpuMeter, correct, hops, idle_cpu, spread, timestamps, trigger_to_completed
+from bench.stack import Bench
+from tests.harness import S3_KEYS, SETTINGS, expected_summary, iris_like, project_copy
+
+# Each component: its deployment and its flow module (what a flow-run container imports).
+COMPONENTS = {
+    "main_flow": ("main-flow/main", "main_flow.main_flow"),
+    "validate": ("validate/validate", "validate.validate"),
+    "subflow": ("subflow/subflow", "subflow.subflow"),
+}
+FORMS = ("csv", "csv.gz", "parquet")
+S3_STORE = {"AWS_ENDPOINT_URL": "http://s3:9000", **S3_KEYS}
+LONG = 3600  # how long the benchmark waits for a run: its inputs are large
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How many runs of which sizes each stage makes."""
+
+    runs: int = 5  # latency runs per design, and per worker query interval
+    warm_up: bool = True  # a first, unmeasured run of each design (image pulls, caches)
+    rows: tuple[int, ...] = (1_000, 100_000, 1_000_000, 10_000_000)
+    size_runs: int = 3
+    stores: tuple[str, ...] = ("file", "s3")
+    format_rows: tuple[int, ...] = (1_000_000,)
+    mapped_rows: tuple[int, ...] = (10_000_000, 50_000_000)
+    partitions: tuple[int, ...] = (1, 2, 4)
+    concurrency: tuple[int, ...] = (10, 50)
+    redeploys: int = 3
+    intervals: tuple[float, ...] = (0.25, 1.0)
+    idle_s: float = 30
+
+    @classmethod
+    def smoke(cls) -> "Plan":
+        """Each stage once, at its smallest size: proves the benchmark works, not its figures."""
+        return cls(
+            runs=1, warm_up=False, rows=(1_000,), size_runs=1, stores=("file",), format_rows=(1_000,),
+            mapped_rows=(), partitions=(2,), concurrency=(1,), redeploys=1, intervals=(1.0,), idle_s=1,
+        )  # fmt: skip
+
+
+def floor(bench: Bench, plan: Plan) -> dict[str, Any]:
+    """Per component image: a container's start, and its start plus the imports of the engine and
+    the component; the pipeline's floor is the three serial hops' sum."""
+
+    def timed(*args: str) -> float:
+        started = time.monotonic()
+        bench.stack.sh(*args)
+        return time.monotonic() - started
+
+    result: dict[str, Any] = {}
+    for component, (deployment, module) in COMPONENTS.items():
+        image = bench.stack.deployment(deployment).job_variables["image"]
+        load = f"import sys; sys.path.insert(0, '/opt/prefect/pipeline'); import prefect.engine, {module}"
+        result[component] = {
+            "start": spread([timed("docker", "run", "--rm", "--entrypoint", "true", image) for _ in range(plan.runs)]),
+            "start+imports": spread(
+                [timed("docker", "run", "--rm", "--entrypoint", "python", image, "-c", load) for _ in range(plan.runs)]
+            ),
+        }
+    result["pipeline"] = sum(v["start+imports"]["median"] for v in result.values())
+    return result
+
+
+def latency(bench: Bench, plan: Plan) -> dict[str, Any]:
+    """Trigger to completed of one pipeline run and its hops, designs alternating run by run, and
+    the CPU each run cost, by where it was spent."""
+    samples: dict[str, list[dict[str, float]]] = {design: [] for design in bench.designs}
+    costs: dict[str, list[dict[str, float]]] = {design: [] for design in bench.designs}
+    for deployment in bench.designs.values() if plan.warm_up else ():  # first image pulls, caches
+        bench.stack.run(deployment)
+    for _ in range(plan.runs):
+        for design, deployment in bench.designs.items():
+            meter = CpuMeter(bench, design).start()
+            run = bench.stack.run(deployment)
+            costs[design].append(meter.per_run(1, [bench.stack.output(run)]))
+            assert correct(bench, run), (design, run.state)
+            samples[design].append(hops(bench, run))
+    return {
+        design: {
+            **{key: spread([s[key] for s in runs]) for key in runs[0]},
+            "cpu": {key: spread([c[key] for c in costs[design]]) for key in costs[design][0]},
+        }
+        for design, runs in samples.items()
+    }
+
+
+def cached(bench: Bench, plan: Plan) -> dict[str, Any]:
+    """Trigger to completed of a pipeline run whose every step is reused from the cache."""
+    bench.stack.run(bench.designs["docker"], refresh=[])  # fills the cache if this stage runs alone; else a hit
+    samples = []
+    for _ in range(plan.runs):
+        run = bench.stack.run(bench.designs["docker"], refresh=[])
+        assert correct(bench, run) and not bench.stack.children(run.id), run.state
+        assert len(bench.stack.output(run)["cached"]) == 3, bench.stack.output(run)["cached"]
+        with bench.stack.api() as client:
+            seen = timestamps(client, run.id)
+        samples.append(
+            {
+                "trigger to completed": seen["COMPLETED"] - seen["SCHEDULED"],
+                "main: running to completed": seen["COMPLETED"] - seen["RUNNING"],
+            }
+        )
+    return {key: spread([s[key] for s in samples]) for key in samples[0]}
+
+
+def polling(bench: Bench, plan: Plan) -> dict[str, Any]:
+    """The worker query interval's price: the stack's idle CPU at .env's interval, then the docker
+    design's latency and the idle CPU at each other interval. The workers go back to .env's after."""
+    workers = ("worker-flow", "worker-subflow")
+    result = {SETTINGS["PREFECT_WORKER_QUERY_SECONDS"]: {"idle": idle_cpu(bench, plan.idle_s)}}
+    try:
+        for interval in plan.intervals:
+            bench.stack.overrides["PREFECT_WORKER_QUERY_SECONDS"] = str(interval)
+            bench.stack.compose("up", "-d", "--wait", *workers, timeout=600)  # recreated with the new interval
+            seconds = [trigger_to_completed(bench, bench.stack.run(bench.designs["docker"])) for _ in range(plan.runs)]
+            result[str(interval)] = {"docker": spread(seconds), "idle": idle_cpu(bench, plan.idle_s)}
+    finally:
+        bench.stack.overrides.pop("PREFECT_WORKER_QUERY_SECONDS", None)
+        bench.stack.compose("up", "-d", "--wait", *workers, timeout=600)
+    return result
+
+
+def sizes(bench: Bench, plan: Plan) -> dict[str, Any]:
+    """The docker design on growing inputs, in each store: time and each flow container's peak memory."""
+    result: dict[str, Any] = {}
+    for store in plan.stores:
+        if store == "s3":
+            bench.stack.use_store("s3://pipeline/data", **S3_STORE)
+        try:
+            for n in plan.rows:
+                url = bench.serve(n)
+                expected = expected_summary(iris_like(n, seed=n)) if n <= 1_000_000 else None
+                samples = []
+                for _ in range(plan.size_runs):
+                    run = bench.stack.run(bench.designs["docker"], source=url, timeout=LONG)
+                    output = bench.stack.output(run) if run.state.is_completed() else None
+                    samples.append(
+                        {
+                            "seconds": hops(bench, run)["trigger to completed"] if output else None,
+                            "correct": bool(output)
+                            and (expected is None or correct(bench, run, expected))
+                            and output["input"]["rows"] == n,
+                            "state": run.state.name,
+                            "peak_mb": {
+                                "main_flow": output["peak_rss_bytes"] / 2**20,
+                                **{k.split("/")[0]: r["peak_rss_bytes"] / 2**20 for k, r in output["results"].items()},
+                            }
+                            if output
+                            else {},
+                            "csv_mb": (bench.data / f"rows{n}.csv").stat().st_size / 2**20,
+                            "parquet_mb": output["input"]["bytes"] / 2**20 if output else None,
+                        }
+                    )
+                result.setdefault(store, {})[str(n)] = samples
+        finally:
+            if store == "s3":  # back to the file store
+                for name in S3_STORE:
+                    bench.stack.overrides.pop(name)
+                bench.stack.use_store(SETTINGS["PIPELINE_DATA_URL"])
+    return result
+
+
+def formats(bench: Bench, plan: Plan) -> dict[str, Any]:
+    """The docker design on the same rows as CSV, gzip CSV and Parquet, forms alternating run by
+    run: what each form costs, and the main flow's peak memory."""
+    result: dict[str, Any] = {}
+    for n in plan.format_rows:
+        expected = expected_summary(iris_like(n, seed=n))
+        samples: dict[str, list[dict[str, Any]]] = {form: [] for form in FORMS}
+        for _ in range(plan.size_runs):
+            for form in FORMS:  # alternating, so drift hits every form alike
+                run = bench.stack.run(bench.designs["docker"], source=bench.serve(n, form), timeout=LONG)
+                output = bench.stack.output(run) if run.state.is_completed() else None
+                samples[form].append(
+                    {
+                        "seconds": hops(bench, run)["trigger to completed"] if output else None,
+                        "correct": correct(bench, run, expected) and output["input"]["rows"] == n,
+                        "main_peak_mb": output["peak_rss_bytes"] / 2**20 if output else None,
+                    }
+                )
+        result[str(n)] = {
+            form: {
+                "source_mb": (bench.data / f"rows{n}.{form}").stat().st_size / 2**20,
+                "seconds": spread([s["seconds"] for s in got if s["seconds"] is not None] or [float("nan")]),
+                "correct": sum(s["correct"] for s in got),
+                "runs": len(got),
+                "main_peak_mb": max((s["main_peak_mb"] for s in got if s["main_peak_mb"]), default=None),
+            }
+            for form, got in samples.items()
+        }
+    return result
+
+
+def mapped(bench: Bench, plan: Plan) -> dict[str, Any]:
+    """validate's wall time mapped over each number of partitions, then subflow, on each size and on
+    1,000 rows (what partitions cost), counts alternating run by run; each input ingested once, in
+    max(partitions) parts, then replayed. Every run's summary must be the same, byte for byte (and
+    the expected one up to 1M rows)."""
+    result: dict[str, Any] = {}
+    for n in dict.fromkeys([*plan.mapped_rows, 1_000]):
+        part_rows = -(-n // max(plan.partitions))  # so that the input has max(partitions) parts
+        ingested = bench.stack.run(
+            bench.designs["docker"], source=bench.serve(n), steps=[], part_rows=part_rows, timeout=LONG
+        )
+        assert ingested.state.is_completed(), ingested.state
+        data, summaries = bench.stack.output(ingested)["input"], set()
+        expected = expected_summary(iris_like(n, seed=n)) if n <= 1_000_000 else None
+        samples: dict[int, list[dict[str, float]]] = {p: [] for p in plan.partitions}
+        for _ in range(plan.size_runs):
+            for p in plan.partitions:
+                steps = [{"step": "validate/validate", "partitions": p}, "subflow/subflow"]
+                run = bench.stack.run(bench.designs["docker"], data=data, steps=steps, timeout=LONG)
+                assert run.state.is_completed() and (expected is None or correct(bench, run, expected)), run.state
+                results = bench.stack.output(run)["results"]
+                step = results["validate/validate"]
+                assert len(step["partitions"]) == p and step["output"]["rows"] == n, step["summary"]
+                with bench.stack.api() as client:  # where a partition's time goes: start (container, imports), work
+                    seen = [timestamps(client, r["flow_run_id"]) for r in step["partitions"]]
+                samples[p].append(
+                    {
+                        "seconds": step["seconds"],
+                        "scheduled to running": max(t["RUNNING"] - t["SCHEDULED"] for t in seen),
+                        "running to completed": max(t["COMPLETED"] - t["RUNNING"] for t in seen),
+                    }
+                )
+                summaries.add(results["subflow/subflow"]["output"]["sha256"])
+        assert len(summaries) == 1, f"{n} rows: the summary differs between partition counts"
+        result[str(n)] = {str(p): {k: spread([x[k] for x in xs]) for k in xs[0]} for p, xs in samples.items()}
+    return result
+
+
+def throughput(bench: Bench, plan: Plan) -> dict[str, Any]:
+    """N pipeline runs created at once, per design: wall time, all correct, 503s in the server's
+    log, and the CPU each run cost."""
+    result: dict[str, Any] = {}
+    for n in plan.concurrency:
+        for design, deployment in bench.designs.items():
+            since, meter = datetime.now(UTC), CpuMeter(bench, design).start()
+            started = time.monotonic()
+            runs = [bench.stack.start(deployment).id for _ in range(n)]  # at once, through the API
+            finished = [bench.stack.wait_final(run_id, timeout=LONG) for run_id in runs]
+            wall = time.monotonic() - started
+            outputs = [bench.stack.output(run) for run in finished if run.state.is_completed()]
+            result.setdefault(str(n), {})[design] = {
+                "wall": wall,
+                "correct": sum(correct(bench, run) for run in finished),
+                "runs": n,
+                "503s": server_503s(bench, since),
+                "cpu": meter.per_run(n, outputs) if outputs else {},
+            }
+    return result
+
+
+def server_503s(bench: Bench, since: datetime) -> int:
+    logs = bench.stack.compose("logs", "--no-log-prefix", "--since", since.isoformat(), "prefect-server").stdout
+    return sum(
+        ("503" in line and "Service Unavailable" in line) or "database is locked" in line for line in logs.splitlines()
+    )
+
+
+def redeploy(bench: Bench, plan: Plan) -> dict[str, float]:
+    """`prefect deploy --name subflow` after a one-line change, from a copy of the project; then
+    the repository's subflow again."""
+    samples = []
+    try:
+        for _ in range(plan.redeploys):
+            with tempfile.TemporaryDirectory() as tmp:
+                project = project_copy(Path(tmp))
+                code = project / "subflow" / "subflow.py"
+                code.write_text(code.read_text() + f"\n# benchmark change {time.time_ns()}\n")
+                samples.append(bench.stack.deploy("subflow", cwd=project)[0])
+    finally:
+        bench.stack.deploy("subflow")
+    return spread(samples)
+
+
+STAGES: dict[str, Callable[[Bench, Plan], Any]] = {
+    "floor": floor,
+    "latency": latency,
+    "cached": cached,
+    "polling": polling,
+    "sizes": sizes,
+    "formats": formats,
+    "mapped": mapped,
+    "throughput": throughput,
+    "redeploy": redeploy,
+}
