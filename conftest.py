@@ -7,6 +7,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from dotenv import dotenv_values
 from fsspec.implementations.local import LocalFileSystem
 from prefect.testing.utilities import prefect_test_harness
 
@@ -16,6 +17,10 @@ from prefect.testing.utilities import prefect_test_harness
 os.environ["PREFECT_API_URL"] = "http://127.0.0.1:9/api"
 
 ROOT = Path(__file__).resolve().parent
+# The bounds the main flow reads from its environment (main_flow/bounds.py), as .env sets them.
+for name, value in dotenv_values(ROOT / ".env").items():
+    if name.startswith("MAX_"):
+        os.environ.setdefault(name, value or "")
 IRIS = ROOT / "main_flow" / "data" / "iris.csv"
 # Means of the shipped Iris data per species (Fisher, 1936), computed independently of the flows.
 IRIS_SETOSA = {

@@ -2,7 +2,9 @@
 unchanged. The key hashes the step's name, its image digest, its own parameters, the sha256 of
 its input and the kit's wire format. An entry, <store>/cache/<key>.json, is written only after
 the step completed, and its outputs are written atomically before that: the entry is the commit
-marker. A hit is checked again: an output that is missing or changed makes it a miss."""
+marker. Entries are signed with the key only main flows hold (stepkit/signature.py): one a step
+forged or rewrote is not used. A hit is checked again: an output that is missing or changed makes
+it a miss."""
 
 import hashlib
 import json
@@ -12,7 +14,7 @@ from typing import Any, Literal, TypedDict
 import fsspec
 from prefect.logging import get_logger
 
-from stepkit import WIRE, DataRef, RefusedReference, atomic_write, parts_of, verify
+from stepkit import WIRE, DataRef, RefusedReference, atomic_write, parts_of, signature, verify
 from stepkit.layout import cache_root, confined, runs_root
 
 INGEST = "ingest"  # the main flow's own step: source to input.parquet
@@ -29,6 +31,7 @@ class Entry(TypedDict):
     step: str
     run: str
     result: dict[str, Any]
+    signature: str
 
 
 def key(step: str, image: str, parameters: dict[str, Any], inputs: list[str]) -> str | None:
@@ -66,7 +69,7 @@ def lookup(key: str, verified: set[tuple[str, str]] | None = None) -> Entry | No
     verified = set() if verified is None else verified
     try:
         with fsspec.open(entry_uri(key), "rb") as file:
-            entry: Entry = json.loads(file.read())
+            entry: Entry = signature.verified(json.loads(file.read()), f"cache entry {key[:12]}")
         for part in (part for ref in references(entry["result"]) for part in parts_of(ref)):
             confined(part["uri"], runs_root())
             if (part["uri"], part["sha256"]) not in verified:
@@ -74,15 +77,15 @@ def lookup(key: str, verified: set[tuple[str, str]] | None = None) -> Entry | No
                 verified.add((part["uri"], part["sha256"]))
     except FileNotFoundError:
         return None
-    except (ValueError, KeyError, TypeError, RefusedReference) as exc:  # corrupt, changed, wire or refused
+    except (ValueError, KeyError, TypeError, RefusedReference) as exc:  # corrupt, forged (Unsigned), changed, refused
         log.warning("cache entry %s not used: %s", key[:12], exc)
         return None
     return entry
 
 
 def record(key: str, step: str, run: str, result: dict[str, Any]) -> None:
-    """Write the entry for `key`, atomically: concurrent writers of one key leave one whole entry."""
-    entry = Entry(key=key, step=step, run=run, result=result)
+    """Write the entry for `key`, signed, atomically: concurrent writers of one key leave one whole entry."""
+    entry = signature.signed({"key": key, "step": step, "run": run, "result": result})
     with atomic_write(entry_uri(key)) as file:
         file.write(json.dumps(entry, indent=2).encode())
 

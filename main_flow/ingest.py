@@ -11,6 +11,7 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, BinaryIO
 from urllib.parse import urlsplit
@@ -45,6 +46,8 @@ class Settings(BaseSettings):
     # (SOURCE_ALLOW, comma-separated URL prefixes): s3://bucket/prefix/ or any fsspec URL whose
     # file system the image has, and http(s) servers on private addresses.
     source_allow: Annotated[list[str], NoDecode] = []
+    # The most parts an input may have (MAX_INPUT_PARTS): part_rows cannot make millions of files.
+    max_input_parts: int
 
     @field_validator("source_allow", mode="before")
     @classmethod
@@ -87,13 +90,14 @@ def ingest(
     way: the parts are what a mapped step's partitions are made of."""
     deadline = time.monotonic() + timeout_s
     shown = redact(source)  # no credentials or signed query in any message
+    cut = Parts(part_rows, settings.max_input_parts)
     parts: list[DataRef] = []
     written: list[str] = []
     with open_source(source, settings, max_bytes, deadline) as stream, removed_on_failure(written, directory):
         try:
             found = detect(stream, source)
             if found == "Parquet":
-                parts = parquet_parts(stream, shown, directory, max_columns, part_rows, written)
+                parts = parquet_parts(stream, shown, directory, max_columns, cut, written)
             else:
                 if found in ("gzip", "zstd"):  # capped on the bytes it inflates to, not on what it reads
                     stream = decompressed(stream, found, source, max_bytes, deadline)
@@ -102,7 +106,7 @@ def ingest(
                 options = pacsv.ReadOptions(block_size=4 << 20, use_threads=False)
                 reader = pacsv.open_csv(stream, read_options=options)
                 checked(reader.schema.names, shown, max_columns)
-                parts = write_parts(reader, reader.schema, directory, part_rows, written)
+                parts = write_parts(reader, reader.schema, directory, cut, written)
             if not parts:
                 raise ValueError(f"empty dataset {shown!r}: a header but no data rows")
         except pa.ArrowInvalid as exc:
@@ -120,15 +124,28 @@ def checked(columns: list[str], shown: str, max_columns: int) -> None:
         raise ValueError(f"malformed dataset {shown!r}: blank or repeated column names {columns}")
 
 
+@dataclass(frozen=True)
+class Parts:
+    """How the input is cut: parts of `rows` rows, at most `most` of them."""
+
+    rows: int
+    most: int
+
+
 def write_parts(
-    batches: Iterator[pa.RecordBatch], schema: pa.Schema, directory: str, part_rows: int, written: list[str]
+    batches: Iterator[pa.RecordBatch], schema: pa.Schema, directory: str, cut: Parts, written: list[str]
 ) -> list[DataRef]:
-    """The batches as Parquet parts of `part_rows` rows in `directory`, each written atomically."""
+    """The batches as Parquet parts of `cut.rows` rows in `directory`, each written atomically."""
     parts = []
-    for index, cut in itertools.groupby(cuts(batches, part_rows), key=operator.itemgetter(0)):
+    for index, slices in itertools.groupby(cuts(batches, cut.rows), key=operator.itemgetter(0)):
+        if index >= cut.most:
+            raise ValueError(
+                f"the source makes more than {cut.most} parts of part_rows={cut.rows} rows "
+                "(MAX_INPUT_PARTS): raise part_rows"
+            )
         uri, rows = f"{directory}/{part_name(index)}.parquet", 0
         with atomic_write(uri) as sink, pq.ParquetWriter(sink, schema) as writer:
-            for _, batch in cut:
+            for _, batch in slices:
                 writer.write_batch(batch)
                 rows += batch.num_rows
         written.append(uri)
@@ -138,7 +155,7 @@ def write_parts(
 
 
 def parquet_parts(
-    stream: BinaryIO, shown: str, directory: str, max_columns: int, part_rows: int, written: list[str]
+    stream: BinaryIO, shown: str, directory: str, max_columns: int, cut: Parts, written: list[str]
 ) -> list[DataRef]:
     """A Parquet source: copied into the store as it is (Parquet needs seeks: a stream has none),
     then kept byte for byte as the one part if it fits in one, else re-encoded into parts."""
@@ -153,8 +170,8 @@ def parquet_parts(
         columns, rows = source.schema_arrow.names, source.metadata.num_rows
         checked(columns, shown, max_columns)
         parts = (
-            write_parts(source.iter_batches(65_536), source.schema_arrow, directory, part_rows, written)
-            if rows > part_rows
+            write_parts(source.iter_batches(65_536), source.schema_arrow, directory, cut, written)
+            if rows > cut.rows
             else []
         )
     if parts:  # re-encoded: the copy goes

@@ -14,6 +14,7 @@ from pydantic import Field
 
 # Package imports: Prefect loads this file as module `main_flow` with this directory on its path.
 from main_flow import cache
+from main_flow.bounds import BOUNDS
 from main_flow.ingest import Settings, identity, ingest
 from main_flow.steps import Limits, registered_steps, run_steps, step_groups, step_options, uncached
 from stepkit import (
@@ -22,9 +23,10 @@ from stepkit import (
     StepName,
     Steps,
     atomic_write,
+    component_image,
     parts_of,
     redact,
-    tag_run_with_image,
+    signature,
     usage,
     verify,
 )  # fmt: skip
@@ -43,18 +45,18 @@ def main_flow(
     images: dict[StepName, str] | None = None,
     refresh: cache.Refresh = [],  # noqa: B006 (Prefect validates a copy of every parameter)
     resume_from: UUID | None = None,
-    max_bytes: Annotated[int, Field(ge=1)] = 4 << 30,
-    max_columns: Annotated[int, Field(ge=1)] = 1000,
+    max_bytes: Annotated[int, Field(ge=1, le=BOUNDS.max_source_bytes)] = 4 << 30,
+    max_columns: Annotated[int, Field(ge=1, le=BOUNDS.max_source_columns)] = 1000,
     part_rows: Annotated[int, Field(ge=1)] = 1_000_000,
-    partitions_at_once: Annotated[int, Field(ge=1)] = 8,
-    fetch_timeout_s: Annotated[float, Field(ge=1)] = 1800.0,
-    step_timeout_s: Annotated[float, Field(ge=1)] = 1800.0,
+    partitions_at_once: Annotated[int, Field(ge=1, le=BOUNDS.max_partitions_at_once)] = 8,
+    fetch_timeout_s: Annotated[float, Field(ge=1, le=BOUNDS.max_timeout_seconds)] = 1800.0,
+    step_timeout_s: Annotated[float, Field(ge=1, le=BOUNDS.max_timeout_seconds)] = 1800.0,
 ) -> dict[str, Any]:
     """Load `source` into the store in parts of `part_rows` rows and run `steps` (by default the
     pipeline's, as last deployed) on it, a mapped step's partitions at most `partitions_at_once`
     at a time, reusing cached steps unless in `refresh`; `data` and `images` replay a past run;
     `resume_from` runs a past run's parameters again, reusing what it completed."""
-    image = tag_run_with_image()
+    image = component_image()
     if resume_from is not None:
         past = resumed(resume_from)
         source, steps, data = past.get("source", source), past.get("steps", steps), past.get("data", data)
@@ -101,6 +103,7 @@ def main_flow(
         "output_uri": layout.output,
         **usage(),
     }
+    output = signature.signed(output)  # replays and `make output` trust only what a main flow wrote
     with atomic_write(layout.output) as file:
         file.write(json.dumps(output, indent=2).encode())
     reports = [

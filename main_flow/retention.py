@@ -1,5 +1,5 @@
-"""Retention: remove the stored data, Prefect's persisted results and the per-run Variables of
-pipeline runs older than N days, and the cache entries that point into removed runs.
+"""Retention: remove the stored data and the per-run Variables of pipeline runs older than N days,
+and the cache entries that point into removed runs.
 
 It walks the kit's run layout (stepkit/layout.py) and ships in the main flow's image; it runs
 daily on a schedule (prefect.yaml) and on demand (`make retention DAYS=7`).
@@ -7,17 +7,16 @@ daily on a schedule (prefect.yaml) and on demand (`make retention DAYS=7`).
 
 import json
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated
 from uuid import UUID
 
 import fsspec
 from prefect import flow, get_client, get_run_logger
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.exceptions import ObjectNotFound
-from prefect.runtime import flow_run
 from pydantic import Field
 
-from stepkit.layout import cache_root, results_root, run_id_of, runs_root
+from stepkit.layout import cache_root, run_id_of, runs_root
 
 PAGE = 200  # the server's default and largest page
 
@@ -25,36 +24,39 @@ PAGE = 200  # the server's default and largest page
 # Not persisted: its counts are in its log, and a result file a day would be one more thing to clean.
 @flow(name="retention", persist_result=False)
 def retention(days: Annotated[float, Field(ge=1)] = 30) -> dict[str, int]:
-    """Delete runs/<id>/ of final main runs created `days` before this run's scheduled time, or
-    earlier, with their subflow Variables, any other subflow Variable as old, results/ written
-    before, and the cache entries of runs no longer stored. A run still in flight keeps its
-    directory, however old."""
-    cutoff = flow_run.scheduled_start_time - timedelta(days=days)
+    """Delete runs/<id>/ of final main runs created more than `days` ago (by the clock, not by
+    anything a run says of itself), with their Variables, any other per-run Variable as old, and the
+    cache entries of runs no longer stored. A run still in flight keeps its directory, however old.
+    Nothing outside the store's runs/ and cache/ is deleted."""
+    cutoff = datetime.now(UTC) - timedelta(days=days)
     fs, runs = fsspec.core.url_to_fs(runs_root())
-    _, results = fsspec.core.url_to_fs(results_root())
     paths = fs.ls(runs, detail=False) if fs.exists(runs) else []
     listed = {path.rstrip("/").rsplit("/", 1)[-1]: path for path in paths}  # run id: its directory
     expired = set()
     with get_client(sync_client=True) as client:
         for run_id, path in listed.items():
             if expired_run(client, run_id, cutoff):
-                fs.rm(path, recursive=True)
+                fs.rm(inside(fs, path, runs), recursive=True)
                 expired.add(run_id)
         variables = expired_variables(client, cutoff, expired)
         for name in variables:
             client.delete_variable_by_name(name)
-    old = [path for path, info in fs.find(results, detail=True).items() if modified(info) < cutoff]
-    if old:
-        fs.rm(old)
     entries = orphaned_entries(fs, listed.keys() - expired)
     if entries:
         fs.rm(entries)
-    removed = {"runs": len(expired), "variables": len(variables), "results": len(old), "cache entries": len(entries)}
+    removed = {"runs": len(expired), "variables": len(variables), "cache entries": len(entries)}
     get_run_logger().info(
-        "removed %(runs)d run directories, %(variables)d Variables, %(results)d results "
-        "and %(cache entries)d cache entries", removed,
-    )  # fmt: skip
+        "removed %(runs)d run directories, %(variables)d Variables and %(cache entries)d cache entries", removed
+    )
     return removed
+
+
+def inside(fs: fsspec.AbstractFileSystem, path: str, root: str) -> str:
+    """`path` if it is a child of `root` (what retention may delete), else ValueError."""
+    parent = fs._parent(path).rstrip("/")
+    if parent != root.rstrip("/") or path.rstrip("/").rsplit("/", 1)[-1] in ("", ".", ".."):
+        raise ValueError(f"retention deletes only under {root}, not {path}")
+    return path
 
 
 def orphaned_entries(fs: fsspec.AbstractFileSystem, stored: set[str]) -> list[str]:
@@ -62,7 +64,7 @@ def orphaned_entries(fs: fsspec.AbstractFileSystem, stored: set[str]) -> list[st
     gone with it), or unreadable."""
     _, entries = fsspec.core.url_to_fs(cache_root())
     orphaned = []
-    for path in fs.find(entries):
+    for path in (inside(fs, found, entries) for found in fs.find(entries, maxdepth=1)):
         try:
             with fs.open(path, "rb") as file:
                 run = json.loads(file.read()).get("run")
@@ -71,11 +73,6 @@ def orphaned_entries(fs: fsspec.AbstractFileSystem, stored: set[str]) -> list[st
         if run not in stored:
             orphaned.append(path)
     return orphaned
-
-
-def modified(info: dict[str, Any]) -> datetime:
-    """When a stored file was written: `LastModified` on S3, `mtime` on a volume."""
-    return info.get("LastModified") or datetime.fromtimestamp(info["mtime"], UTC)
 
 
 def expired_variables(client: SyncPrefectClient, cutoff: datetime, runs: set[str]) -> list[str]:

@@ -4,6 +4,7 @@ a mapped step one child run per partition of its input, their outputs gathered a
 or, when a cache key is unchanged, an earlier run's result reused (main_flow/cache.py)."""
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import Any
 from uuid import UUID
 
 import anyio
+import fsspec
 from prefect import get_client, get_run_logger
 from prefect.client.schemas.objects import TERMINAL_STATES, FlowRun
 from prefect.client.schemas.responses import DeploymentResponse
@@ -37,6 +39,7 @@ from stepkit import (
     check_wire,
     dataset_of,
     parts_of,
+    result_uri,
 )  # fmt: skip
 
 log = get_logger("steps")  # under prefect.*: in a flow run, its records reach the run's log
@@ -224,7 +227,7 @@ def run_tasks(
             task = running.pop(run.id)
             ended = f"step {task} (run {run.name!r}) ended {run.state.name}: {run.state.message}"
             if run.state.is_completed():
-                results[task] = step_result(task.step, run)
+                results[task] = step_result(task, run)
                 record(task, results[task])
             elif run.state.is_crashed() and attempts[task] <= task.retries and not failed:
                 get_run_logger().warning("%s; attempt %d of %d starts", ended, attempts[task] + 1, task.retries + 1)
@@ -341,17 +344,35 @@ def cancel(client: Any, run: FlowRun, reason: str) -> None:
     client.set_flow_run_state(run.id, state, force=True)
 
 
-def step_result(name: str, run: FlowRun) -> dict[str, Any]:
-    """A finished step's result, checked against the contract."""
-    result = run.state.result()
-    wrong = [k for k, kind in STEP_RESULT.items() if not isinstance(result.get(k), kind)]
+def step_result(task: Task, run: FlowRun) -> dict[str, Any]:
+    """A finished step's result: what it stored in its own output directory, checked against the
+    contract; its image is the one its worker ran (the run's `image:` tag), whatever it says."""
+    uri = result_uri(task.out)
+    try:
+        with fsspec.open(uri, "rb") as file:
+            result = json.loads(file.read())
+    except FileNotFoundError:
+        raise PipelineError(
+            f"step {task} (run {run.name!r}) completed but stored no result at {uri}: "
+            "was it built with an older step kit? Redeploy it with the current stepkit"
+        ) from None
+    wrong = (
+        [k for k, kind in STEP_RESULT.items() if not isinstance(result.get(k), kind)]
+        if isinstance(result, dict)
+        else ["all"]
+    )
     if wrong:
-        raise PipelineError(f"step {name} returned a result that lacks or mistypes {wrong}: {str(result)[:300]}")
+        raise PipelineError(f"step {task} returned a result that lacks or mistypes {wrong}: {str(result)[:300]}")
     try:
         check_wire(result["output"], "the main flow")
     except WireMismatch as exc:
-        raise PipelineError(f"step {name} (run {run.name!r}): {exc}") from exc
-    return {**result, "flow_run_id": str(run.id)}
+        raise PipelineError(f"step {task} (run {run.name!r}): {exc}") from exc
+    inputs = {part["uri"] for part in parts_of(task.data)}
+    for part in parts_of(result["output"]):  # its own output, or its input passed on: nothing else
+        if part["uri"] not in inputs and not part["uri"].startswith(f"{task.out.rstrip('/')}/"):
+            raise PipelineError(f"step {task} (run {run.name!r}) returned {part['uri']}, outside its output directory")
+    image = next((tag.removeprefix("image:") for tag in run.tags if tag.startswith("image:")), "unknown")
+    return {**result, "image": image, "flow_run_id": str(run.id)}
 
 
 def run_steps(

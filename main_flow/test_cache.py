@@ -9,7 +9,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from main_flow import cache
 from main_flow.steps import step_groups, step_options, uncached
-from stepkit import Steps, write_parquet
+from stepkit import Steps, signature, write_parquet
 
 IMAGE = "127.0.0.1:5000/subflow@sha256:" + "a" * 64
 KEY = {"step": "subflow/subflow", "image": IMAGE, "parameters": {"a": 1, "b": [1, 2]}, "inputs": ["f" * 64]}
@@ -36,8 +36,9 @@ def test_an_image_without_a_digest_is_never_cached():
 
 
 @pytest.fixture
-def entry(run_dir) -> tuple[str, dict]:
-    """An entry of run r1 whose output is stored in its run directory."""
+def entry(run_dir, monkeypatch) -> tuple[str, dict]:
+    """An entry of run r1 whose output is stored in its run directory, signed with the main flow's key."""
+    monkeypatch.setenv(signature.KEY_ENV, "k" * 64)
     ref = write_parquet(pa.table({"x": [1, 2, 3]}), f"file://{run_dir}/subflow/summary.parquet")
     key = cache.key(**KEY)
     cache.record(key, "subflow/subflow", "r1", {"output": ref, "report": "three rows"})
@@ -48,7 +49,9 @@ def test_a_recorded_result_is_found_with_its_run(entry):
     key, ref = entry
     found = cache.lookup(key)
     result = {"output": ref, "report": "three rows"}
-    assert found == {"key": key, "step": "subflow/subflow", "run": "r1", "result": result}
+    assert {k: v for k, v in found.items() if k != "signature"} == {
+        "key": key, "step": "subflow/subflow", "run": "r1", "result": result
+    }  # fmt: skip
     assert cache.lookup(cache.key(**{**KEY, "inputs": ["0" * 64]})) is None
 
 
@@ -65,10 +68,28 @@ def test_an_entry_pointing_outside_the_runs_or_unreadable_is_a_miss(entry, run_d
     key, ref = entry
     path = tmp_path / "cache" / f"{key}.json"
     outside = write_parquet(pa.table({"x": [1]}), f"file://{tmp_path}/elsewhere.parquet")
-    path.write_text(json.dumps({**json.loads(path.read_text()), "result": {"output": outside}}))
+    # Signed as a main flow would sign it: refused for where it points, not for its signature.
+    path.write_text(json.dumps(signature.signed({**json.loads(path.read_text()), "result": {"output": outside}})))
     assert cache.lookup(key) is None
     path.write_text("{not json")
     assert cache.lookup(key) is None
+
+
+def test_an_entry_a_step_forged_or_rewrote_is_a_miss_and_said(entry, tmp_path, caplog):
+    """A step holds no signing key: what it writes into the cache is not trusted."""
+    key, ref = entry
+    path = tmp_path / "cache" / f"{key}.json"
+    good = json.loads(path.read_text())
+    forged = {**good, "result": {**good["result"], "report": "lies"}}  # the signature of the original
+    for written in (forged, {k: v for k, v in forged.items() if k != "signature"}, signature.signed(forged, b"x" * 64)):
+        path.write_text(json.dumps(written))
+        assert cache.lookup(key) is None
+    assert (
+        f"cache entry {key[:12]} not used: cache entry {key[:12]} is not signed by this stack's main flow"
+        in caplog.text
+    )
+    path.write_text(json.dumps(good))
+    assert cache.lookup(key)["result"]["report"] == "three rows"
 
 
 def test_a_record_leaves_one_whole_entry_and_the_last_wins(entry, tmp_path):

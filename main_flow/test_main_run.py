@@ -21,6 +21,7 @@ def test_a_replay_whose_stored_input_changed_fails_before_any_step(prefect_api, 
 
 
 def test_a_step_whose_deployment_is_missing_fails_at_once_naming_the_deploy_command(prefect_api, stored):
-    state = main_flow(data=stored, steps=["enrich/enrich"], return_state=True)
+    # A name no other test deploys on the shared test server; a short timeout, should one ever.
+    state = main_flow(data=stored, steps=["never/deployed"], step_timeout_s=30, return_state=True)
     assert state.is_failed()
-    assert "deployment 'enrich/enrich' not found: register it with `prefect deploy --name enrich`" in state.message
+    assert "deployment 'never/deployed' not found: register it with `prefect deploy --name deployed`" in state.message

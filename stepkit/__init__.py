@@ -23,14 +23,14 @@ from stepkit.contract import (
     check_wire,
 )  # fmt: skip
 from stepkit.layout import RefusedReference, RunLayout, redact
-from stepkit.step import Dataset, Out, Output, StepFailed, batches, step, tag_run_with_image, usage
+from stepkit.step import Dataset, Out, Output, StepFailed, batches, component_image, result_uri, step, usage
 from stepkit.store import atomic_write, dataset_of, parts_of, verify, write_parquet
 
-__version__ = "2.2.0"  # see README, "The step kit": which changes need every component redeployed
+__version__ = "3.0.0"  # see README, "The step kit": which changes need every component redeployed
 
 __all__ = [
     "PIPELINE_STEPS", "STEP_RESULT", "WIRE", "DataRef", "Dataset", "Out", "Output", "Part", "RefusedReference",
     "RunLayout", "StepFailed", "Step", "StepName", "StepOptions", "StepResult", "Steps", "WireMismatch",
-    "atomic_write", "check_wire", "batches", "dataset_of", "parts_of", "redact", "step", "tag_run_with_image",
-    "usage", "verify", "write_parquet",
+    "atomic_write", "check_wire", "batches", "component_image", "dataset_of", "parts_of", "redact", "result_uri",
+    "step", "usage", "verify", "write_parquet",
 ]  # fmt: skip

@@ -1,10 +1,12 @@
 """`python -m stepkit output <main run id>`: print a run's pipeline output from the data store."""
 
 import argparse
+import json
 import sys
 
 import fsspec
 
+from stepkit import signature
 from stepkit.layout import RunLayout
 
 
@@ -15,9 +17,13 @@ def main() -> None:
     uri = RunLayout.of(parser.parse_args().run_id).output
     try:
         with fsspec.open(uri, "rb") as file:
-            sys.stdout.write(file.read().decode())
+            text = file.read().decode()
+        signature.verified(json.loads(text), uri)
     except FileNotFoundError:
         sys.exit(f"error: no output at {uri}: the run did not complete, or retention removed it")
+    except signature.Unsigned as exc:
+        sys.exit(f"error: {exc}")
+    sys.stdout.write(text)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from typing_extensions import TypedDict  # pydantic needs it for parameters on P
 
 # The wire format of DataRef and StepResult. Bump it only for a change that a component built
 # with the previous kit cannot read; every component must then be redeployed (README).
-WIRE = 2  # 2: a DataRef can be a dataset of parts
+WIRE = 3  # 2: a DataRef can be a dataset of parts; 3: a step's result is its out/result.json
 
 # A step is its deployment's full name, `flow/deployment`: what run_deployment() takes. A
 # pipeline is a list of steps run one after another; a list inside runs its steps at once.

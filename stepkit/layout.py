@@ -2,9 +2,9 @@
 
 <store>/runs/<main run id>/input/part-NNNNN.parquet  the ingested source, in parts of part_rows rows
 <store>/runs/<main run id>/<step>/...                each step's own outputs (<step>: its deployment
-                                                     name); a mapped step's in part-NNNNN/, one each
-<store>/runs/<main run id>/output.json               the pipeline output
-<store>/results/                                     Prefect's persisted results
+                                                     name), with its result.json; a mapped step's in
+                                                     part-NNNNN/, one each
+<store>/runs/<main run id>/output.json               the pipeline output, signed
 <store>/cache/<key>.json                             the step cache's entries (main_flow/cache.py)
 <store>/inbox/<sha256>/<name>                        files uploaded as sources (tools/inbox.py), by content
 """
@@ -13,7 +13,6 @@ import os
 from dataclasses import dataclass
 
 RUNS = "runs"
-RESULTS = "results"
 CACHE = "cache"
 INBOX = "inbox"
 
@@ -62,10 +61,6 @@ def part_name(index: int) -> str:
 
 def runs_root(store: str | None = None) -> str:
     return f"{(store or store_url()).rstrip('/')}/{RUNS}"
-
-
-def results_root(store: str | None = None) -> str:
-    return f"{(store or store_url()).rstrip('/')}/{RESULTS}"
 
 
 def cache_root(store: str | None = None) -> str:

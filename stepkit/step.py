@@ -2,6 +2,7 @@
 with the contract's signature (`data`, `out`, own parameters) and result."""
 
 import inspect
+import json
 import os
 import resource
 from collections.abc import Callable, Iterator
@@ -9,14 +10,14 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from prefect import flow, get_client
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.flows import Flow
 from prefect.runtime import flow_run
 
 from stepkit.contract import DataRef, StepResult, check_wire
 from stepkit.layout import RefusedReference, RunLayout, confined, run_id_of, runs_root
-from stepkit.store import VerifyingReader, open_verified, parts_of, write_parquet
+from stepkit.store import VerifyingReader, atomic_write, open_verified, parts_of, write_parquet
 
 if TYPE_CHECKING:  # pyarrow is imported where it is used: the cli image deploys steps without it
     import pyarrow as pa
@@ -24,6 +25,7 @@ if TYPE_CHECKING:  # pyarrow is imported where it is used: the cli image deploys
 
 
 BATCH_BYTES = 32 << 20  # a batch's size in memory, whatever the width of a row
+RESULT = "result.json"  # a step's result, in its output directory
 
 
 def batches(parquet: "pq.ParquetFile", max_bytes: int = BATCH_BYTES) -> Iterator["pa.RecordBatch"]:
@@ -143,20 +145,19 @@ class Output:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def step(fn: Callable[..., Output] | None = None, *, name: str | None = None) -> Any:
-    """Make `fn(data: Dataset, [out: Out,] **own) -> Output` a flow `name(data: DataRef, out: str,
-    **own) -> StepResult`: it verifies the input as it is read, tags the run with its image,
-    publishes the report as the artifact `<name>-report` (also when the logic raises StepFailed)
-    and adds the run's usage."""
+def step(fn: Callable[..., Output]) -> Flow:
+    """Make `fn(data: Dataset, [out: Out,] **own) -> Output` a flow `<fn's name>(data: DataRef,
+    out: str, **own) -> StepResult`: it verifies the input as it is read, publishes the report as
+    the artifact `<name>-report` (also when the logic raises StepFailed), adds the run's usage, and
+    stores the result as out/result.json, where the main flow reads it."""
 
     def wrap(fn: Callable[..., Output]) -> Flow:
-        flow_name = name or fn.__name__.replace("_", "-")
+        flow_name = fn.__name__.replace("_", "-")
         signature = inspect.signature(fn)
         own = [p for p in signature.parameters.values() if p.name not in ("data", "out")]
         wants_out = "out" in signature.parameters
 
         def run(**parameters: Any) -> StepResult:
-            image = tag_run_with_image()
             ref, out = parameters.pop("data"), parameters.pop("out")
             confine(ref, out)
             with Dataset.open(ref) as data:
@@ -172,14 +173,17 @@ def step(fn: Callable[..., Output] | None = None, *, name: str | None = None) ->
                     raise
             check_wire(result.output, f"step {flow_name}")
             create_markdown_artifact(key=f"{flow_name}-report", markdown=result.report, description=ref["uri"])
-            return {
+            returned: StepResult = {
                 **result.extra,
                 "output": result.output,
                 "summary": result.summary,
                 "report": result.report,
-                "image": image,
+                "image": component_image(),
                 **usage(),
             }
+            with atomic_write(result_uri(out)) as file:
+                file.write(json.dumps(returned).encode())
+            return returned
 
         # Prefect reads the parameter schema and validates calls from the signature: the contract's.
         keyword = inspect.Parameter.KEYWORD_ONLY
@@ -196,10 +200,11 @@ def step(fn: Callable[..., Output] | None = None, *, name: str | None = None) ->
         }  # fmt: skip
         for attribute in ("__name__", "__qualname__", "__doc__", "__module__"):
             setattr(run, attribute, getattr(fn, attribute))
-        # JSON results: the main flow reads them from the result store without importing this module.
-        return flow(name=flow_name, persist_result=True, result_serializer="json")(run)
+        # The result travels in the store (out/result.json), where only this run writes: not in
+        # Prefect's result storage, which every run would share.
+        return flow(name=flow_name, persist_result=False)(run)
 
-    return wrap(fn) if fn is not None else wrap
+    return wrap(fn)
 
 
 def confine(ref: DataRef, out: str) -> None:
@@ -217,9 +222,11 @@ def usage() -> dict[str, Any]:
     return {"peak_rss_bytes": own.ru_maxrss * 1024, "cpu_seconds": round(own.ru_utime + own.ru_stime, 3)}
 
 
-def tag_run_with_image() -> str:
-    """Tag this run with the image it runs in (set by the work pool): the UI shows what ran."""
-    image = os.environ.get("COMPONENT_IMAGE", "unknown")
-    with get_client(sync_client=True) as client:
-        client.update_flow_run(flow_run.id, tags=[*flow_run.tags, f"image:{image}"])
-    return image
+def component_image() -> str:
+    """The image this run runs in, by digest, as its worker says (the worker also tags the run with it)."""
+    return os.environ.get("COMPONENT_IMAGE", "unknown")
+
+
+def result_uri(out: str) -> str:
+    """Where a step run stores its result: in its own output directory."""
+    return f"{out.rstrip('/')}/{RESULT}"

@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -203,16 +204,36 @@ def test_a_reference_of_another_wire_format_is_refused_naming_both_versions(pref
         state.result()
 
 
-def test_the_main_flow_refuses_a_result_from_a_step_built_with_an_older_kit(counted):
+def test_the_main_flow_refuses_a_result_from_a_step_built_with_an_older_kit(counted, tmp_path):
     """A step redeployed before the kit had a wire format returns references without one."""
+    out = f"counted://{tmp_path}/runs/r1/subflow"
     old_output = {k: v for k, v in counted.items() if k != "wire"}
     result = {"output": old_output, "summary": [], "report": "", "image": "registry.example.com/subflow:old"}
-    run = FlowRun(name="old-subflow", flow_id=counted["sha256"][:32], state=Completed(data=result))
+    with atomic_write(stepkit.result_uri(out)) as file:
+        file.write(json.dumps(result).encode())
+    run = FlowRun(name="old-subflow", flow_id=counted["sha256"][:32], state=Completed())
     with pytest.raises(steps.PipelineError) as failure:
-        steps.step_result("subflow/subflow", run)
+        steps.step_result(steps.Task("subflow/subflow", counted, out), run)
     message = str(failure.value)
     assert message.startswith("step subflow/subflow (run 'old-subflow'): reference counted://")
     assert f"has wire format 0, but the main flow (stepkit {stepkit.__version__}) reads wire format {WIRE}" in message
+
+
+def test_the_main_flow_takes_a_steps_result_from_its_own_directory_and_its_image_from_its_worker(counted, tmp_path):
+    out = f"counted://{tmp_path}/runs/r1/subflow"
+    run = FlowRun(name="a-step", flow_id=counted["sha256"][:32], state=Completed(), tags=["image:reg/subflow@sha256:1"])
+    task = steps.Task("subflow/subflow", counted, out)
+    with pytest.raises(steps.PipelineError, match=r"completed but stored no result at .*/subflow/result.json"):
+        steps.step_result(task, run)
+    result = {"output": counted, "summary": [], "report": "", "image": "a lie"}  # its input, passed on
+    with atomic_write(stepkit.result_uri(out)) as file:
+        file.write(json.dumps(result).encode())
+    assert steps.step_result(task, run)["image"] == "reg/subflow@sha256:1"
+    elsewhere = {**counted, "uri": f"counted://{tmp_path}/runs/r2/input.parquet"}
+    with atomic_write(stepkit.result_uri(out)) as file:
+        file.write(json.dumps({**result, "output": elsewhere}).encode())
+    with pytest.raises(steps.PipelineError, match="runs/r2/input.parquet, outside its output directory"):
+        steps.step_result(task, run)
 
 
 def test_the_run_layout_is_defined_once(monkeypatch):

@@ -5,8 +5,12 @@
 The secrets live in the stack's `secrets` volume, beside the database they unlock, so a second
 clone of the repository (or one whose ./.secrets was deleted) starts the same stack. Each `up`
 copies them to ./.secrets/<compose project>/ (never tracked), where host tools read them:
-  api-auth-string      user:password of Prefect's API: gateway, workers, CLI, tests, benchmark
-  flow-auth-string     the flow containers' own, which the gateway allows only a flow run's calls
+  api-auth-string      user:password of Prefect's API (the server checks it): workers, the gateway's
+                       authority, CLI, tests, benchmark; never a flow container
+  flow-run-key         the key of the flow containers' credentials, one per run: the workers mint
+                       them, the gateway's authority checks them (gateway/authority.py)
+  cache-key            the key that signs the step cache's entries and each run's output.json:
+                       only main-flow containers get it, never a step's (main_flow/cache.py)
   postgres-password    the Prefect server's database password
   registry-password    the registry user's password; registry-htpasswd holds its bcrypt hash
 A stack made before the volume existed has them only in ./.secrets/<project>/: they are adopted.
@@ -20,8 +24,9 @@ from pathlib import Path
 
 import bcrypt
 
-API_USER, FLOW_USER, REGISTRY_USER = "admin", "flow", "pipeline"
-NAMES = ("api-auth-string", "flow-auth-string", "postgres-password", "registry-password", "registry-htpasswd")
+API_USER, REGISTRY_USER = "admin", "pipeline"
+NAMES = ("api-auth-string", "flow-run-key", "cache-key", "postgres-password", "registry-password", "registry-htpasswd")
+KEYS = ("flow-run-key", "cache-key")  # added after the first stacks: made where missing
 
 
 def generate(directory: Path) -> dict[str, str]:
@@ -29,8 +34,9 @@ def generate(directory: Path) -> dict[str, str]:
     new = {}
     if not (directory / "api-auth-string").exists():
         new["api-auth-string"] = f"{API_USER}:{secrets.token_urlsafe(24)}"
-    if not (directory / "flow-auth-string").exists():
-        new["flow-auth-string"] = f"{FLOW_USER}:{secrets.token_urlsafe(24)}"
+    for name in KEYS:
+        if not (directory / name).exists():
+            new[name] = secrets.token_hex(32)
     if not (directory / "postgres-password").exists():
         new["postgres-password"] = secrets.token_urlsafe(24)
     if not all((directory / name).exists() for name in ("registry-password", "registry-htpasswd")):
@@ -42,7 +48,7 @@ def generate(directory: Path) -> dict[str, str]:
 
 def main(volume: Path, mirror: Path, pgdata: Path) -> None:
     if not (volume / "postgres-password").exists():
-        if all((mirror / name).is_file() for name in NAMES if name != "flow-auth-string"):  # older stacks lack it
+        if all((mirror / name).is_file() for name in NAMES if name not in KEYS):  # older stacks lack them
             for name in NAMES:
                 if (mirror / name).is_file():
                     shutil.copyfile(mirror / name, volume / name)

@@ -17,6 +17,7 @@ from uuid import UUID
 import fsspec
 from prefect import get_client
 
+from stepkit import signature
 from stepkit.layout import RunLayout
 
 
@@ -24,9 +25,11 @@ def replay(run_id: UUID, watch: bool) -> None:
     uri = RunLayout.of(run_id).output
     try:
         with fsspec.open(uri) as file:
-            output = json.load(file)
+            output = signature.verified(json.load(file), uri)  # its images and input are what runs next
     except FileNotFoundError:
         sys.exit(f"error: no output at {uri}: run {run_id} did not complete, or retention removed it")
+    except signature.Unsigned as exc:
+        sys.exit(f"error: {exc}")
     with get_client(sync_client=True) as client:
         old = client.read_flow_run(run_id)
         new = client.create_flow_run_from_deployment(

@@ -1,14 +1,13 @@
-"""Apply the work pools, the blocks and the automations the flows use; the compose `setup` service
-runs it on `up`.
+"""Apply the work pools, the registry's block and the automations; the compose `setup` service runs
+it on `up`.
 
     python tools/setup.py pools/docker.json "$FLOW_POOL:$FLOW_POOL_LIMIT" ... --blocks
 
-Each pool (of this platform's worker type, worker/pipeline_worker.py) gets the base job template,
+Each pool (of this platform's worker type, worker/pipeline_worker/) gets the base job template,
 with ${VAR} filled in from the environment (entries that come out empty are dropped, e.g. the
-stack network on a remote host), and its concurrency limit. With --blocks, it first saves the
-blocks that the template and prefect.yaml refer to (the result storage, in the data store, and,
-for `prefect deploy`'s push, the registry's credentials) and pools/automations.json.
-Idempotent: every `up` reapplies .env.
+stack network on a remote host, or the S3 keys, which only the workers hold), and its concurrency
+limit. With --blocks, it first saves the registry's credentials for `prefect deploy`'s push, and
+pools/automations.json. Idempotent: every `up` reapplies .env.
 """
 
 import argparse
@@ -17,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline_worker import RESULTS_BLOCK, PolicyDockerWorker, render, results_block, results_storage
+from pipeline_worker import PolicyDockerWorker, render
 from prefect import get_client
 from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
 from prefect.events.schemas.automations import AutomationCore
@@ -29,14 +28,14 @@ SECRETS = Path("/secrets")
 
 
 def save_blocks() -> None:
-    results_storage(os.environ["PIPELINE_DATA_URL"]).save(RESULTS_BLOCK, overwrite=True)
+    """The registry's credentials, for `prefect deploy`'s push (an admin's call: no flow run reads it)."""
     user = (SECRETS / "registry-htpasswd").read_text().split(":", 1)[0]
     DockerRegistryCredentials(
         username=user,
         password=(SECRETS / "registry-password").read_text().strip(),
         registry_url=os.environ["REGISTRY"],
     ).save(REGISTRY_BLOCK, overwrite=True)
-    print(f"blocks: {RESULTS_BLOCK} in the data store, {REGISTRY_BLOCK} for {os.environ['REGISTRY']}")
+    print(f"block: {REGISTRY_BLOCK} for {os.environ['REGISTRY']}")
 
 
 def apply_automations(path: Path) -> None:
@@ -82,7 +81,6 @@ def main() -> None:
     if args.blocks:
         save_blocks()
         apply_automations(args.template.parent / "automations.json")
-    os.environ["RESULTS_STORAGE_BLOCK"] = results_block(os.environ["PIPELINE_DATA_URL"])
     template = json.loads(args.template.read_text())
     template["job_configuration"] = render(template["job_configuration"])
     for pool in args.pools:

@@ -1,23 +1,28 @@
 """The workers' container policy (pipeline_worker/policy.py) against the repository's pools/, and how they
 put a container's end into words (pipeline_worker/exits.py)."""
 
+import os
 from pathlib import Path
 
 import pytest
-from pipeline_worker import Policy, PolicyViolation, memory_bytes
+from pipeline_worker import Policy, PolicyViolation, credential, memory_bytes, mounts
 from pipeline_worker.exits import TAIL_BYTES, TAIL_LINES, Exit, tail_of
+
+from gateway.authority import run_of
 
 POOLS = Path(__file__).resolve().parent.parent / "pools"
 ENV = {
     "PIPELINE_DATA_URL": "file:///store", "AWS_ENDPOINT_URL": "", "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
     "AWS_DEFAULT_REGION": "", "SOURCE_ALLOW": "", "FLOW_UID": "10001", "REGISTRY": "registry.example:5000",
-    "STACK_NETWORK": "stack_default", "DATA_VOLUME": "stack_data:/data", "FLOW_API_URL": "http://gateway:4201/api",
-    "FLOW_AUTH_STRING": "flow:secret", "PREFECT_CLIENT_MAX_RETRIES": "6", "PREFECT_CLIENT_RETRY_EXTRA_CODES": "500",
-    "FLOW_HEARTBEAT_SECONDS": "30",
+    "STACK_NETWORK": "stack_default", "DATA_VOLUME": "stack_data", "FLOW_API_URL": "http://gateway:4201/api",
+    "FLOW_RUN_KEY": "k" * 64, "PREFECT_CLIENT_MAX_RETRIES": "6", "PREFECT_CLIENT_RETRY_EXTRA_CODES": "500",
+    "FLOW_HEARTBEAT_SECONDS": "30", "MAX_SOURCE_BYTES": "1", "MAX_SOURCE_COLUMNS": "1", "MAX_INPUT_PARTS": "1",
+    "MAX_TIMEOUT_SECONDS": "1", "MAX_PARTITIONS_AT_ONCE": "1",
 }  # fmt: skip
 
 
 RUN = "0b6e8d7e-3a1f-4c2b-9d5e-7f8a9b0c1d2e"
+BINDS = [f"/var/lib/docker/volumes/stack_data/_data/runs/{RUN}/validate:/store/runs/{RUN}/validate:rw"]
 
 
 @pytest.fixture
@@ -30,7 +35,7 @@ def settings(**changes: object) -> dict:
     base = {
         "image": "registry.example:5000/subflow@sha256:" + "0" * 64, "network": "stack_default", "network_mode": None,
         "command": "python -m prefect.engine", "environment": {}, "auto_remove": False, "labels": {},
-        "extra_hosts": None, "name": f"flow-{RUN}", "volumes": ["stack_data:/data"], "mem_limit": "1g",
+        "extra_hosts": None, "name": f"flow-{RUN}", "volumes": BINDS, "mem_limit": "1g",
         "memswap_limit": "1g", "privileged": False, "user": "10001:10001", "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges:true"], "read_only": True,
         "tmpfs": {"/tmp": "rw,nosuid,nodev,size=512m"}, "pids_limit": 512, "nano_cpus": 10**9,
@@ -40,7 +45,7 @@ def settings(**changes: object) -> dict:
 
 
 def test_the_templates_own_container_passes(policy):
-    policy.check(settings(), ["stack_default"])
+    policy.check(settings(), ["stack_default"], BINDS)
 
 
 @pytest.mark.parametrize(
@@ -52,10 +57,12 @@ def test_the_templates_own_container_passes(policy):
         ({"cap_add": ["SYS_ADMIN"]}, "settings outside the template: cap_add"),
         ({"pid_mode": "host", "ipc_mode": "host"}, "settings outside the template: ipc_mode, pid_mode"),
         ({"network_mode": "host", "network": None}, "network mode 'host'"),
-        ({"volumes": ["stack_data:/data", "/:/host"]}, "volumes"),
+        ({"volumes": [*BINDS, "/:/host"]}, "volumes"),
+        ({"volumes": ["stack_data:/data"]}, "volumes"),
         ({"read_only": False}, "read_only False"),
         ({"image": "evil.example/x:1"}, "not from the registry registry.example:5000"),
         ({"image": "registry.example:50000/x"}, "not from the registry"),
+        ({"image": "registry.example:5000/subflow:latest"}, "is not pinned by digest"),
         ({"mem_limit": "0", "memswap_limit": "0"}, "mem_limit '0' outside"),
         ({"mem_limit": "64g", "memswap_limit": "64g"}, "mem_limit '64g' outside"),
         ({"memswap_limit": "-1"}, "memswap_limit differs"),
@@ -71,37 +78,41 @@ def test_the_templates_own_container_passes(policy):
 )
 def test_each_violation_is_refused_by_name(policy, changes, named):
     with pytest.raises(PolicyViolation, match="refused by pools/policy.json") as refused:
-        policy.check(settings(**changes), ["stack_default"])
+        policy.check(settings(**changes), ["stack_default"], BINDS)
     assert named in str(refused.value)
 
 
 @pytest.mark.parametrize("networks", [["stack_default", "other_backend"], ["other"], []])
 def test_every_network_is_checked_not_only_the_first(policy, networks):
     with pytest.raises(PolicyViolation, match=r"networks \["):
-        policy.check(settings(), networks)
+        policy.check(settings(), networks, BINDS)
 
 
 def test_host_network_only_where_the_worker_has_it():
     remote = Policy(POOLS, {**ENV, "STACK_NETWORK": "", "DATA_VOLUME": "", "FLOW_HOST_NETWORK": "host"})
-    remote.check(settings(network=None, network_mode="host", volumes=[]), [])
+    remote.check(settings(network=None, network_mode="host", volumes=[]), [], [])
     with pytest.raises(PolicyViolation, match="volumes"):
-        remote.check(settings(network=None, network_mode="host"), [])
+        remote.check(settings(network=None, network_mode="host"), [], [])
 
 
-def test_the_environment_is_the_pools_with_the_flow_credential(policy):
+def test_the_environment_is_the_pools_with_the_runs_own_credential(policy):
     given = {
         "PREFECT_API_URL": "http://prefect-server:4200/api", "PREFECT_API_AUTH_STRING": "admin:secret",
         "PIPELINE_DATA_URL": "http://prefect-server:4200/api",
         "PREFECT__FLOW_RUN_ID": "another", "PREFECT_WORKER_QUERY_SECONDS": "0.5",
-        "COMPONENT_IMAGE": "registry.example:5000/subflow@sha256:abc",  # templated by Prefect: {{ image }}
     }  # fmt: skip
     env = policy.environment(given, "run-1", worker_keys={"PREFECT_WORKER_QUERY_SECONDS"})
-    assert env["PREFECT_API_AUTH_STRING"] == "flow:secret" and env["PREFECT_API_URL"] == "http://gateway:4201/api"
+    assert (
+        env["PREFECT_API_AUTH_STRING"] == credential(b"k" * 64, "run-1")
+        and env["PREFECT_API_URL"] == "http://gateway:4201/api"
+    )
+    assert run_of(env["PREFECT_API_AUTH_STRING"], b"k" * 64) == "run-1"  # what the gateway's authority reads
     assert env["PIPELINE_DATA_URL"] == "file:///store" and "SOURCE_ALLOW" not in env  # empty: dropped
     assert env["PREFECT__FLOW_RUN_ID"] == "run-1" and "PREFECT_WORKER_QUERY_SECONDS" not in env
-    assert env["COMPONENT_IMAGE"] == "registry.example:5000/subflow@sha256:abc"
     with pytest.raises(PolicyViolation, match="not in the pool's list: BROWSER, PYTHONWARNINGS, SOURCE_ALLOW"):
         policy.environment({"PYTHONWARNINGS": "x", "BROWSER": "y", "SOURCE_ALLOW": "*"}, "run-1", set())
+    with pytest.raises(PolicyViolation, match="not in the pool's list: COMPONENT_IMAGE"):  # the worker's to say
+        policy.environment({"COMPONENT_IMAGE": "registry.example:5000/honest@sha256:0"}, "run-1", set())
 
 
 def test_memory_notation():
@@ -157,3 +168,49 @@ def test_an_exit_says_why_in_one_line_and_whether_it_is_the_components_own(ended
     assert ended.own_failure is failed
     assert ended.reason().startswith(reason) and "\n" not in ended.reason()
     assert ended.message().startswith(f"Flow run infrastructure exited with non-zero status code {ended.code}. ")
+
+
+OTHER = "7d1e4c2a-9b3f-4e5d-8a6b-1c2d3e4f5a6b"
+
+
+@pytest.fixture
+def volume(tmp_path) -> mounts.Volume:
+    return mounts.Volume("stack_data", "/host/data", "/store", tmp_path, os.getuid())
+
+
+def test_a_main_flow_gets_its_run_the_cache_the_runs_to_read_and_its_uploaded_source(volume, tmp_path):
+    source = f"file:///store/inbox/{'0' * 64}/sales.csv"
+    assert mounts.for_main(volume, RUN, source) == [
+        "/host/data/runs:/store/runs:ro",
+        f"/host/data/runs/{RUN}:/store/runs/{RUN}:rw",
+        "/host/data/cache:/store/cache:rw",
+        f"/host/data/inbox/{'0' * 64}/sales.csv:/store/inbox/{'0' * 64}/sales.csv:ro",
+    ]
+    assert (tmp_path / "runs" / RUN).is_dir() and (tmp_path / "cache").is_dir()  # made for the binds
+    assert mounts.for_main(volume, RUN, "https://example.com/x.csv")[-1] == "/host/data/cache:/store/cache:rw"
+
+
+def test_a_step_gets_its_output_directory_and_its_inputs_files_only(volume, tmp_path):
+    out, part = f"file:///store/runs/{RUN}/validate/part-00001", f"file:///store/runs/{OTHER}/input/part-00001.parquet"
+    assert mounts.for_step(volume, RUN, out, [part, part]) == [
+        f"/host/data/runs/{RUN}/validate/part-00001:/store/runs/{RUN}/validate/part-00001:rw",
+        f"/host/data/runs/{OTHER}/input/part-00001.parquet:/store/runs/{OTHER}/input/part-00001.parquet:ro",
+    ]
+    assert (tmp_path / "runs" / RUN / "validate" / "part-00001").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("out", "inputs", "refusal"),
+    [
+        (f"file:///store/runs/{OTHER}/validate", [], "is not in the directory of its main run"),
+        ("file:///store/cache/validate", [], "is not in a run's directory"),
+        ("file:///elsewhere/runs/x", [], "is not in the data store file:///store"),
+        (f"file:///store/runs/{RUN}/../{OTHER}/x", [], "not a plain path"),
+        (f"file:///store/runs/{RUN}/x", ["file:///etc/passwd"], "is not in the data store"),
+        (f"file:///store/runs/{RUN}/x", [f"file:///store/runs/{RUN}/a:/host:rw"], "not a plain path"),
+        (f"s3://bucket/runs/{RUN}/x", [], "is not in the data store"),
+    ],
+)
+def test_a_step_gets_nothing_outside_its_run(volume, out, inputs, refusal):
+    with pytest.raises(mounts.Refused, match=refusal):
+        mounts.for_step(volume, RUN, out, inputs)

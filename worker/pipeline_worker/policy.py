@@ -7,6 +7,8 @@ renders its own copy of the template with its own environment and refuses, namin
 violation, a container that differs from it or exceeds the bounds.
 """
 
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -14,12 +16,10 @@ import string
 from pathlib import Path
 from typing import Any
 
-from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 from prefect_docker.credentials import DockerRegistryCredentials
 
 POOLS = Path(os.environ.get("PIPELINE_POOLS", "/project/pools"))
 SECRETS = Path("/secrets")
-RESULTS_BLOCK = "pipeline-results"
 # What prefect-docker passes to containers.create() besides the template's container_create_kwargs.
 BASE_SETTINGS = {
     "image", "network", "network_mode", "command", "environment", "auto_remove", "labels",
@@ -52,18 +52,10 @@ def render(template: Any, env: dict[str, str] | None = None) -> Any:
     return template
 
 
-def results_storage(store_url: str) -> LocalFileSystem | RemoteFileSystem:
-    """Where Prefect persists results: `results/` in the data store, through Prefect's fsspec
-    file systems (its local one for file://, its remote one for s3:// and the like)."""
-    url = f"{store_url.rstrip('/')}/results"
-    if url.startswith("file://"):
-        return LocalFileSystem(basepath=url.removeprefix("file://"))
-    return RemoteFileSystem(basepath=url)
-
-
-def results_block(store_url: str) -> str:
-    """The slug of the result storage block tools/setup.py saves for this store."""
-    return f"{results_storage(store_url).get_block_type_slug()}/{RESULTS_BLOCK}"
+def credential(key: bytes, flow_run_id: str) -> str:
+    """A flow run's own API credential, as Prefect's clients send their auth string: good for that
+    run only (the gateway's authority, gateway/authority.py, checks it with the same key)."""
+    return f"{flow_run_id}:{hmac.new(key, flow_run_id.encode(), hashlib.sha256).hexdigest()}"
 
 
 def memory_bytes(value: Any) -> int:
@@ -77,27 +69,29 @@ class Policy:
 
     def __init__(self, pools: Path = POOLS, env: dict[str, str] | None = None):
         env = dict(os.environ if env is None else env)
-        env.setdefault("RESULTS_STORAGE_BLOCK", results_block(env.get("PIPELINE_DATA_URL", "")))
         self.expected = render(json.loads((pools / "docker.json").read_text())["job_configuration"], env)
         bounds = json.loads((pools / "policy.json").read_text())
         self.max_mem_limit = bounds["max_mem_limit"]
         self.max_memory = memory_bytes(self.max_mem_limit)
         self.max_cpus, self.max_pids = int(bounds["max_nano_cpus"]), int(bounds["max_pids_limit"])
+        self.roles: dict[str, str] = bounds["roles"]
         self.registry = env["REGISTRY"]
-        self.flow_env = {
-            "PREFECT_API_URL": env["FLOW_API_URL"],
-            "PREFECT_API_AUTH_STRING": env.get("FLOW_AUTH_STRING")
-            or (SECRETS / "flow-auth-string").read_text().strip(),
-        }
+        self.api_url = env["FLOW_API_URL"]
+        self.key = (env.get("FLOW_RUN_KEY") or (SECRETS / "flow-run-key").read_text()).strip().encode()
         # A worker that reaches the API on its host's loopback (one-machine setups, the tests)
         # has to give flow containers the host network too; nowhere else.
         self.host_network = env.get("FLOW_HOST_NETWORK") == "host"
 
     def environment(self, given: dict[str, str], flow_run_id: str, worker_keys: set[str]) -> dict[str, str]:
         """The container's environment: the pool's keys with the pool's values, the run's id and
-        the flow credential. A key the pool does not list refuses the run."""
+        its own credential. A key the pool does not list refuses the run."""
         pool = {k: given.get(k, v) if "{{" in v else v for k, v in self.expected.get("env", {}).items()}
-        expected = {**pool, **self.flow_env, "PREFECT__FLOW_RUN_ID": flow_run_id}
+        expected = {
+            **pool,
+            "PREFECT_API_URL": self.api_url,
+            "PREFECT_API_AUTH_STRING": credential(self.key, flow_run_id),
+            "PREFECT__FLOW_RUN_ID": flow_run_id,
+        }
         allowed = {*expected, *worker_keys}
         foreign = sorted(k for k in given if k not in allowed and not k.startswith("PREFECT__"))
         if foreign:
@@ -114,10 +108,10 @@ class Policy:
             registry_url=self.registry,
         )
 
-    def check(self, settings: dict[str, Any], networks: list[str]) -> None:
+    def check(self, settings: dict[str, Any], networks: list[str], volumes: list[str]) -> None:
         """Refuse container settings outside the policy, naming every violation; `networks` are
         all the networks the container joins (prefect-docker connects those after the first
-        once the container exists)."""
+        once the container exists), `volumes` the binds the worker chose for the run (mounts.py)."""
         get, expected = settings.get, self.expected
         kwargs = expected.get("container_create_kwargs", {})
         fixed = {key: value for key, value in kwargs.items() if not str(value).startswith("{{")}
@@ -128,11 +122,13 @@ class Policy:
         problems = {
             f"settings outside the template: {', '.join(extra)}": bool(extra),
             f"image {image!r} is not from the registry {self.registry}": not image.startswith(f"{self.registry}/"),
+            # What a run's results name as its image is what ran: a digest cannot move, a tag can.
+            f"image {image!r} is not pinned by digest": "@sha256:" not in image,
             f"name {get('name')!r} is not the worker's own": not CONTAINER_NAME.fullmatch(str(get("name"))),
             "privileged": get("privileged") is not False,
             f"network mode {get('network_mode')!r}": get("network_mode") not in modes,
             f"networks {networks!r}": list(networks) != expected.get("networks", []),
-            f"volumes {get('volumes')!r}": list(get("volumes") or []) != expected.get("volumes", []),
+            f"volumes {get('volumes')!r}": list(get("volumes") or []) != volumes,
             f"command {get('command')!r}": get("command") != expected.get("command"),
             # prefect-docker maps host.docker.internal for an API on loopback: the host, nothing more.
             f"extra hosts {get('extra_hosts')!r}": get("extra_hosts") not in (None, {}, HOST_GATEWAY),
