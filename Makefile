@@ -5,7 +5,7 @@ CLI := docker compose run --rm cli
 # make run SOURCE=./sales.csv: a file of yours is mounted read-only for the upload (tools/inbox.py).
 UPLOAD = $(if $(wildcard $(SOURCE)),-v "$(abspath $(SOURCE)):/upload/$(notdir $(SOURCE)):ro")
 
-.PHONY: pipeline up deploy run output versions rollback replay resume retention component \
+.PHONY: pipeline up deploy run status cancel output versions rollback replay resume retention component \
 	test test-unit lint lock bench down clean
 
 pipeline: up deploy run  ## Stack up, deploy every component, run the pipeline once
@@ -18,6 +18,12 @@ deploy:
 
 run:  ## make run [SOURCE=./sales.csv | s3://... | https://...]; warns if prefect.yaml's steps are not the registered ones
 	docker compose run --rm $(UPLOAD) cli python tools/pipeline.py run $(if $(UPLOAD),/upload/$(notdir $(SOURCE)),$(SOURCE))
+
+status:  ## make status RUN=<main run id>: each step, live, until the run ends
+	$(CLI) python tools/status.py $(RUN)
+
+cancel:  ## make cancel RUN=<main run id>: stops it, its steps and their containers
+	$(CLI) prefect flow-run cancel $(RUN)
 
 output:  ## make output RUN=<main run id>: the run's output.json, from either store
 	$(CLI) python -m stepkit output $(RUN)
@@ -42,7 +48,8 @@ component: $(BIN)/pytest  ## make component NAME=enrich
 
 $(BIN)/pytest: requirements-dev.lock
 	python3 -m venv $(VENV)
-	$(BIN)/pip install -q --require-hashes -r requirements-dev.lock
+	$(BIN)/pip install -q --no-deps --require-hashes -r requirements-dev.lock  # the lock is whole: no resolver
+	$(BIN)/pip check
 	touch $@
 
 test: lint test-unit  ## Lint, unit tests, then the e2e tests on a stack of their own

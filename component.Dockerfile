@@ -9,7 +9,7 @@ ARG FLOW_UID
 WORKDIR /opt/prefect/pipeline
 # Locked dependencies first, in their own layer: a code-only change rebuilds just the layers below.
 COPY ${COMPONENT}/requirements.lock ${COMPONENT}/requirements.lock
-RUN pip install --no-cache-dir --require-hashes -r ${COMPONENT}/requirements.lock
+RUN pip install --no-cache-dir --no-deps --require-hashes -r ${COMPONENT}/requirements.lock
 # The step kit this component is built with (stepkit/): the image keeps it until redeployed.
 COPY stepkit/ stepkit/
 COPY ${COMPONENT}/ ${COMPONENT}/

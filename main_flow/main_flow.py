@@ -3,6 +3,7 @@ the pipeline's steps on it by reference, and store the pipeline output next to i
 is reused (main_flow/cache.py)."""
 
 import json
+import time
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -16,6 +17,7 @@ from pydantic import Field
 from main_flow import cache
 from main_flow.bounds import BOUNDS
 from main_flow.ingest import Settings, identity, ingest
+from main_flow.progress import Progress
 from main_flow.steps import Limits, registered_steps, run_steps, step_groups, step_options, uncached
 from stepkit import (
     DataRef,
@@ -70,7 +72,53 @@ def main_flow(
     layout = RunLayout.of(flow_run.id)
     refresh = cache.checked(refresh, {name for group in groups for name in group})
     policy = cache.Policy(str(flow_run.id), refresh, uncached(options), str(resume_from) if resume_from else None)
-    cached: dict[str, str] = {}
+    with Progress(flow_run.id, [name for group in groups for name in group]) as progress:
+        data, cached = input_of(source, data, image, policy, layout, progress, max_bytes, max_columns, part_rows,
+                                fetch_timeout_s)  # fmt: skip
+        limits = Limits(step_timeout_s, partitions_at_once)
+        results = run_steps(groups, options, data, layout, images or {}, limits, policy, progress)
+        cached |= {name: result["cached_from"] for name, result in results.items() if "cached_from" in result}
+        output = {
+            "main_flow_run_id": str(flow_run.id),
+            "main_image": image,
+            "source": redact(source),
+            "steps": steps,
+            "input": data,
+            "results": results,
+            "cached": cached,
+            "output_uri": layout.output,
+            **usage(),
+        }
+        output = signature.signed(output)  # replays and `make output` trust only what a main flow wrote
+        with atomic_write(layout.output) as file:
+            file.write(json.dumps(output, indent=2).encode())
+        reports = [
+            f"*{name}: cached from run {r['cached_from']}*\n\n{r['report']}" if "cached_from" in r else r["report"]
+            for name, r in results.items()
+        ]
+        create_markdown_artifact(
+            key="pipeline-output",
+            markdown="\n\n".join([f"Output: `{layout.output}`"] + reports),
+            description=f"Pipeline output for {redact(source)}",
+        )
+    return output
+
+
+def input_of(
+    source: str,
+    data: DataRef | None,
+    image: str,
+    policy: cache.Policy,
+    layout: RunLayout,
+    progress: Progress,
+    max_bytes: int,
+    max_columns: int,
+    part_rows: int,
+    fetch_timeout_s: float,
+) -> tuple[DataRef, dict[str, str]]:
+    """The run's input: a replay's, checked; else the ingest's, reused from the cache where its key
+    is unchanged; and {"ingest": run} if it was."""
+    started, cached = time.monotonic(), {}
     if data is None:
         settings = Settings()
         found = identity(source, settings, fetch_timeout_s)
@@ -90,32 +138,11 @@ def main_flow(
         data["rows"], data["bytes"], len(data.get("parts", [data])), data["uri"],
         f" (cached from run {cached[cache.INGEST]})" if cached else "",
     )  # fmt: skip
-    results = run_steps(groups, options, data, layout, images or {}, Limits(step_timeout_s, partitions_at_once), policy)
-    cached |= {name: result["cached_from"] for name, result in results.items() if "cached_from" in result}
-    output = {
-        "main_flow_run_id": str(flow_run.id),
-        "main_image": image,
-        "source": redact(source),
-        "steps": steps,
-        "input": data,
-        "results": results,
-        "cached": cached,
-        "output_uri": layout.output,
-        **usage(),
-    }
-    output = signature.signed(output)  # replays and `make output` trust only what a main flow wrote
-    with atomic_write(layout.output) as file:
-        file.write(json.dumps(output, indent=2).encode())
-    reports = [
-        f"*{name}: cached from run {r['cached_from']}*\n\n{r['report']}" if "cached_from" in r else r["report"]
-        for name, r in results.items()
-    ]
-    create_markdown_artifact(
-        key="pipeline-output",
-        markdown="\n\n".join([f"Output: `{layout.output}`"] + reports),
-        description=f"Pipeline output for {redact(source)}",
-    )
-    return output
+    seconds = round(time.monotonic() - started, 1)
+    progress.update(cache.INGEST, state="Cached" if cached else "Completed", rows=data["rows"], seconds=seconds,
+                    cached=bool(cached), partitions=1)  # fmt: skip
+    progress.publish()
+    return data, cached
 
 
 def resumed(run_id: UUID) -> dict[str, Any]:

@@ -17,6 +17,8 @@ from prefect.exceptions import ObjectNotFound
 from pydantic import Field
 
 from stepkit.layout import cache_root, run_id_of, runs_root
+from stepkit.status import PREFIX as STATUS_PREFIX
+from stepkit.status import TAG as STATUS_TAG
 
 PAGE = 200  # the server's default and largest page
 
@@ -76,13 +78,14 @@ def orphaned_entries(fs: fsspec.AbstractFileSystem, stored: set[str]) -> list[st
 
 
 def expired_variables(client: SyncPrefectClient, cutoff: datetime, runs: set[str]) -> list[str]:
-    """The subflows' Variables that point into an expired run, or were created before `cutoff`."""
+    """The per-run Variables (the steps' outputs, the live status) of an expired run, or created
+    before `cutoff`."""
     expired, offset = [], 0
-    query = {"variables": {"tags": {"all_": ["subflow-output"]}}, "limit": PAGE}
+    query = {"variables": {"tags": {"any_": ["subflow-output", STATUS_TAG]}}, "limit": PAGE}
     while page := client.request("POST", "/variables/filter", json={**query, "offset": offset}).json():
         for variable in page:
             output = variable["value"].get("output", "") if isinstance(variable["value"], dict) else ""
-            run = run_id_of(output)
+            run = variable["name"].removeprefix(STATUS_PREFIX) if STATUS_TAG in variable["tags"] else run_id_of(output)
             if run in runs or datetime.fromisoformat(variable["created"]) < cutoff:
                 expired.append(variable["name"])
         offset += len(page)

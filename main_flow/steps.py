@@ -27,6 +27,7 @@ from prefect.utilities.asyncutils import run_coro_as_sync
 from prefect.variables import Variable
 
 from main_flow import cache
+from main_flow.progress import Progress
 from stepkit import (
     PIPELINE_STEPS,
     STEP_RESULT,
@@ -147,6 +148,7 @@ def run_group(
     images: dict[str, str],
     limits: Limits,
     policy: cache.Policy,
+    progress: Progress,
 ) -> dict[str, dict[str, Any]]:
     """Run the steps of a group at once on `data` (a mapped step as one run per partition),
     reusing cached results; results by deployment name."""
@@ -164,6 +166,10 @@ def run_group(
     hits = {task: entry for task in tasks if (entry := policy.lookup(task.step, keys[task]))}
     for task, entry in hits.items():
         get_run_logger().info("step %s: cached from run %s, not started", task, entry["run"])
+    for name in group:
+        own = [task for task in tasks if task.step == name]
+        progress.update(name, partitions=len(own), cached=all(task in hits for task in own), rows=data["rows"])
+    progress.publish()
     results = {task: {**entry["result"], "cached_from": entry["run"]} for task, entry in hits.items()}
     started = [task for task in tasks if task not in hits]
     results |= run_tasks(started, images, limits, lambda task, result: policy.record(task.step, keys[task], result))
@@ -383,11 +389,12 @@ def run_steps(
     images: dict[str, str],
     limits: Limits,
     policy: cache.Policy,
+    progress: Progress,
 ) -> dict[str, dict[str, Any]]:
     """Run the groups one after another, each on the previous group's first output."""
     results: dict[str, dict[str, Any]] = {}
     for group in groups:
-        done = run_group(group, options, data, layout, images, limits, policy)
+        done = run_group(group, options, data, layout, images, limits, policy, progress)
         results.update(done)
         data = done[group[0]]["output"]  # after a parallel group, its first step's output
     return results

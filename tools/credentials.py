@@ -8,7 +8,7 @@ copies them to ./.secrets/<compose project>/ (never tracked), where host tools r
   api-auth-string      user:password of Prefect's API (the server checks it): workers, the gateway's
                        authority, CLI, tests, benchmark; never a flow container
   flow-run-key         the key of the flow containers' credentials, one per run: the workers mint
-                       them, the gateway's authority checks them (gateway/authority.py)
+                       them, the gateway's authority checks them (worker/pipeline_worker/authority.py)
   cache-key            the key that signs the step cache's entries and each run's output.json:
                        only main-flow containers get it, never a step's (main_flow/cache.py)
   postgres-password    the Prefect server's database password

@@ -10,10 +10,12 @@ to include enrich, and an edit of `steps` alone reaches the next run with `prefe
 main` (main's image is unchanged, so nothing is built).
 """
 
-import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import NoReturn, TypedDict
+from uuid import UUID
 
 import yaml
 from prefect.variables import Variable
@@ -54,11 +56,13 @@ def check() -> None:
 
 
 def run(source: str | None) -> NoReturn:
-    """`make run`: warn if the steps differ, upload `source` if it is a file, run and watch the pipeline."""
+    """`make run`: warn if the steps differ, upload `source` if it is a file, run the pipeline and
+    show it live until it ends (tools/status.py)."""
     from inbox import upload  # tools/, on the path when run as a script (not in prefect deploy's import)
+    from status import follow
 
     check()
-    command = ["prefect", "deployment", "run", "main-flow/main", "--watch"]
+    command = ["prefect", "deployment", "run", "main-flow/main"]
     if source:
         if source.startswith(("/", "./", "../", "~")):  # a path (make mounts yours at /upload/)
             try:
@@ -67,7 +71,12 @@ def run(source: str | None) -> NoReturn:
                 sys.exit(f"error: {exc}")
             print(f"{'uploaded to' if new else 'already in'} the inbox: {source}", flush=True)
         command += ["--param", f"source={source}"]
-    os.execvp(command[0], command)
+    created = subprocess.run(command, capture_output=True, text=True)
+    sys.stdout.write(created.stdout)
+    if created.returncode != 0:
+        sys.exit(created.stderr)
+    sys.stdout.flush()
+    sys.exit(follow(UUID(re.search(r"UUID: ([0-9a-f-]{36})", created.stdout)[1])))
 
 
 if __name__ == "__main__":

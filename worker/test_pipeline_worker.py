@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 from pipeline_worker import Policy, PolicyViolation, credential, memory_bytes, mounts
+from pipeline_worker.authority import run_of
 from pipeline_worker.exits import TAIL_BYTES, TAIL_LINES, Exit, tail_of
-
-from gateway.authority import run_of
+from pipeline_worker.worker import CANCEL, MAIN, STEP, STOP, Role, reaping
+from prefect.client.schemas.objects import FlowRun
+from prefect.states import Cancelled, Completed, Crashed, Failed, Pending, Running, State
 
 POOLS = Path(__file__).resolve().parent.parent / "pools"
 ENV = {
@@ -16,7 +18,8 @@ ENV = {
     "AWS_DEFAULT_REGION": "", "SOURCE_ALLOW": "", "FLOW_UID": "10001", "REGISTRY": "registry.example:5000",
     "STACK_NETWORK": "stack_default", "DATA_VOLUME": "stack_data", "FLOW_API_URL": "http://gateway:4201/api",
     "FLOW_RUN_KEY": "k" * 64, "PREFECT_CLIENT_MAX_RETRIES": "6", "PREFECT_CLIENT_RETRY_EXTRA_CODES": "500",
-    "FLOW_HEARTBEAT_SECONDS": "30", "MAX_SOURCE_BYTES": "1", "MAX_SOURCE_COLUMNS": "1", "MAX_INPUT_PARTS": "1",
+    "FLOW_HEARTBEAT_SECONDS": "30", "FLOW_ROLES": "main-flow:main,retention:maintenance",
+    "MAX_SOURCE_BYTES": "1", "MAX_SOURCE_COLUMNS": "1", "MAX_INPUT_PARTS": "1",
     "MAX_TIMEOUT_SECONDS": "1", "MAX_PARTITIONS_AT_ONCE": "1",
 }  # fmt: skip
 
@@ -214,3 +217,42 @@ def test_a_step_gets_its_output_directory_and_its_inputs_files_only(volume, tmp_
 def test_a_step_gets_nothing_outside_its_run(volume, out, inputs, refusal):
     with pytest.raises(mounts.Refused, match=refusal):
         mounts.for_step(volume, RUN, out, inputs)
+
+
+@pytest.fixture(scope="module")
+def run_in(prefect_api):
+    """A run on a real server in a given state, as the sweep reads it back."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        deployment = client.create_deployment(client.create_flow_from_name("reaped"), "reaped")
+
+        def make(state: State) -> FlowRun:
+            run = client.create_flow_run_from_deployment(deployment)
+            client.set_flow_run_state(run.id, state, force=True)
+            return client.read_flow_run(run.id)
+
+        yield make
+
+
+@pytest.mark.parametrize(
+    ("state", "role", "main", "action", "why"),
+    [
+        (None, STEP, None, STOP, "unknown to the server"),
+        (Completed(), STEP, None, STOP, "Completed"),
+        (Crashed(), MAIN, None, STOP, "Crashed"),
+        (Cancelled(), STEP, Running(), STOP, "Cancelled"),
+        (Running(), STEP, Running(), None, ""),  # its pipeline goes on
+        (Running(), STEP, None, None, ""),  # run by hand
+        (Running(), STEP, Crashed(), CANCEL, "its pipeline's main run"),
+        (Pending(), STEP, Failed(), CANCEL, "ended Failed"),
+        (Running(), STEP, Cancelled(), CANCEL, "ended Cancelled"),
+        (Running(), MAIN, None, None, ""),
+    ],
+)
+def test_the_sweep_stops_what_is_over_and_cancels_the_steps_of_a_main_run_that_did_not_complete(
+    run_in, state, role, main, action, why
+):
+    run = run_in(state) if state is not None else None
+    decided, said = reaping(run, Role(role, run_in(main) if main is not None else None))
+    assert decided == action and why in said, said

@@ -18,6 +18,8 @@ from typing import Any
 
 from prefect_docker.credentials import DockerRegistryCredentials
 
+from pipeline_worker.rules import roles
+
 POOLS = Path(os.environ.get("PIPELINE_POOLS", "/project/pools"))
 SECRETS = Path("/secrets")
 # What prefect-docker passes to containers.create() besides the template's container_create_kwargs.
@@ -54,7 +56,7 @@ def render(template: Any, env: dict[str, str] | None = None) -> Any:
 
 def credential(key: bytes, flow_run_id: str) -> str:
     """A flow run's own API credential, as Prefect's clients send their auth string: good for that
-    run only (the gateway's authority, gateway/authority.py, checks it with the same key)."""
+    run only (the gateway's authority, authority.py, checks it with the same key)."""
     return f"{flow_run_id}:{hmac.new(key, flow_run_id.encode(), hashlib.sha256).hexdigest()}"
 
 
@@ -74,7 +76,7 @@ class Policy:
         self.max_mem_limit = bounds["max_mem_limit"]
         self.max_memory = memory_bytes(self.max_mem_limit)
         self.max_cpus, self.max_pids = int(bounds["max_nano_cpus"]), int(bounds["max_pids_limit"])
-        self.roles: dict[str, str] = bounds["roles"]
+        self.roles = roles(env["FLOW_ROLES"])
         self.registry = env["REGISTRY"]
         self.api_url = env["FLOW_API_URL"]
         self.key = (env.get("FLOW_RUN_KEY") or (SECRETS / "flow-run-key").read_text()).strip().encode()

@@ -349,17 +349,16 @@ class PolicyDockerWorker(DockerWorker):
                 self._waiting.add(flow_run_id)
                 self._runs_task_group.start_soon(self._adopt, container_id, flow_run_id)
             run = runs.get(flow_run_id)
-            if not running:
+            if not running or flow_run_id in self._cancelled:
                 continue
-            if run is None or (run.state is not None and run.state.is_final()):
-                state = "unknown to the server" if run is None else run.state.name
-                self._logger.warning("Stopping container %s: its run %s is %s", container_id, run_id, state)
+            role = await self._role(run) if run is not None else Role(STEP)
+            action, why = reaping(run, role)
+            if action == STOP:
+                self._logger.warning("Stopping container %s: its run %s is %s", container_id, run_id, why)
                 self._cancelled.add(flow_run_id)  # its exit is no crash
                 await run_sync_in_worker_thread(self._stop, run_id)
-            elif flow_run_id not in self._cancelled:
-                role = await self._role(run)
-                if role.role == STEP and ended_otherwise(role.main):
-                    await self._cancel(flow_run_id, f"Cancelled: its pipeline's main run {ended(role.main)}.")
+            elif action == CANCEL:
+                await self._cancel(flow_run_id, why)
 
     def _containers(self, labels: list[str]) -> list[tuple[str, str, bool]]:
         client = self._get_client()
@@ -391,6 +390,22 @@ class PolicyDockerWorker(DockerWorker):
             self._exits.pop(flow_run_id, None)
             return
         await self._propose_crashed_state(run, ended_with.message())
+
+
+STOP, CANCEL = "stop", "cancel"
+
+
+def reaping(run: FlowRun | None, role: Role) -> tuple[str | None, str]:
+    """What the sweep does with a running container of `run` (None: unknown to the server): stop
+    it (its run is over or unknown), cancel its run (a step whose main run ended otherwise than
+    Completed), or nothing; and why."""
+    if run is None:
+        return STOP, "unknown to the server"
+    if run.state is not None and run.state.is_final():
+        return STOP, run.state.name
+    if role.role == STEP and ended_otherwise(role.main):
+        return CANCEL, f"Cancelled: its pipeline's main run {ended(role.main)}."
+    return None, ""
 
 
 def ended_otherwise(run: FlowRun | None) -> bool:

@@ -3,7 +3,8 @@ gateway's flow listener, :4201): each request a flow run's container makes is ch
 run (rules.py), then sent on to the server with the admin credential, which no flow container holds.
 
 A container's credential is its own run's, `<run id>:<HMAC-SHA256 of the run id>`, minted by the
-worker that starts it with a key that only the workers and this service read (/secrets/flow-run-key).
+worker that starts it (policy.credential) with a key that only the workers and this service read
+(/secrets/flow-run-key).
 Prefect's clients send it as their auth string: in HTTP Basic, and in the first message of the
 event streams, where this service, unlike a proxy that only reads headers, checks it too and then
 checks every event the container sends, and every filter it watches with.
@@ -12,7 +13,6 @@ checks every event the container sends, and every filter it watches with.
 import asyncio
 import base64
 import binascii
-import hashlib
 import hmac
 import json
 import logging
@@ -31,11 +31,11 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from gateway.rules import MAIN, STEP, Run, decide, event_refusal, narrowed
+from pipeline_worker.policy import credential
+from pipeline_worker.rules import MAIN, STEP, Run, decide, event_refusal, narrowed, roles
 
 SERVER = os.environ.get("PREFECT_SERVER_URL", "http://prefect-server:4200")
 SECRETS = Path(os.environ.get("PIPELINE_SECRETS", "/secrets"))
-POOLS = Path(os.environ.get("PIPELINE_POOLS", "/project/pools"))
 FACTS_S = 30.0  # how long what is known of a run is kept; its pipeline never changes
 # Not sent on to the server: this hop's own, and the container's credential.
 HOP = {"host", "authorization", "connection", "content-length", "transfer-encoding", "upgrade", "keep-alive"}
@@ -43,14 +43,10 @@ POLICY_VIOLATION = 1008
 log = logging.getLogger("authority")
 
 
-def mac(key: bytes, run_id: str) -> str:
-    return hmac.new(key, run_id.encode(), hashlib.sha256).hexdigest()
-
-
-def run_of(credential: str | None, key: bytes) -> str | None:
-    """The run an auth string `<run id>:<mac>` is good for, or None."""
-    run_id, _, given = (credential or "").partition(":")
-    return run_id if given and hmac.compare_digest(given, mac(key, run_id)) else None
+def run_of(given: str | None, key: bytes) -> str | None:
+    """The run an auth string `<run id>:<mac>` is good for (policy.credential made it), or None."""
+    run_id = (given or "").partition(":")[0]
+    return run_id if run_id and hmac.compare_digest(given or "", credential(key, run_id)) else None
 
 
 def basic(header: str | None) -> str | None:
@@ -309,8 +305,7 @@ def create_app() -> Starlette:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     key = (SECRETS / "flow-run-key").read_bytes().strip()
     admin = (SECRETS / "api-auth-string").read_text().strip()
-    roles = json.loads((POOLS / "policy.json").read_text())["roles"]
-    authority = Authority(key, Server(SERVER, admin, roles, os.environ["PIPELINE_DATA_URL"]))
+    authority = Authority(key, Server(SERVER, admin, roles(os.environ["FLOW_ROLES"]), os.environ["PIPELINE_DATA_URL"]))
     methods = ["GET", "POST", "PATCH", "PUT", "DELETE"]
     return Starlette(
         routes=[

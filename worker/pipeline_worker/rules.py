@@ -17,12 +17,20 @@ CANCEL = {"CANCELLING", "CANCELLED"}  # what a main flow may do to its steps' st
 MAIN, STEP, MAINTENANCE = "main", "step", "maintenance"
 
 
+def roles(setting: str) -> dict[str, str]:
+    """FLOW_ROLES, `flow:role,...`, as {flow name: role}; a role other than main or maintenance is refused."""
+    found = dict(pair.strip().split(":", 1) for pair in setting.split(",") if pair.strip())
+    if wrong := sorted(role for role in found.values() if role not in (MAIN, MAINTENANCE)):
+        raise ValueError(f"FLOW_ROLES has roles {wrong}: a flow is main, maintenance, or (unlisted) a step")
+    return found
+
+
 @dataclass(frozen=True)
 class Run:
     """What the authority knows of the run a credential belongs to."""
 
     id: str
-    role: str  # MAIN, STEP or MAINTENANCE (pools/policy.json's roles, by flow name)
+    role: str  # MAIN, STEP or MAINTENANCE (FLOW_ROLES in .env, by flow name)
     deployment_id: str | None
     parent_task_run_id: str | None
     work_queue_id: str | None
@@ -174,6 +182,9 @@ async def filter_own_runs(run: Run, lookup: Lookup, body: Any, query: dict) -> s
     runs = {key: value for key, value in (body.get("flow_runs") or {}).items() if value is not None}
     ids = (runs.get("id") or {}).get("any_") or []
     parents = (runs.get("parent_task_run_id") or {}).get("any_") or []
+    flows = (runs.get("parent_flow_run_id") or {}).get("any_") or []
+    if flows and {str(f) for f in flows} == {run.id}:
+        return None  # the step runs it started (its live view)
     if not ids and not parents:
         return "a flow run filter must name this run, or its own task runs' children, by id"
     for flow_run_id in ids:

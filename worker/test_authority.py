@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from pipeline_worker.authority import Server, run_of
+from pipeline_worker.policy import credential
+from pipeline_worker.rules import decide, event_refusal, narrowed
 from prefect import get_client, task
 from prefect.settings import PREFECT_API_URL
-
-from gateway.authority import Server, mac, run_of
-from gateway.rules import decide, event_refusal, narrowed
 
 STORE = "file:///store"
 ROLES = {"main-flow": "main", "retention": "maintenance"}
@@ -269,6 +269,8 @@ CASES = [
     ("main", "POST", FILTER, {"flow_runs": {"id": {"any_": ["{main}", "{other_main}"]}}}, "is not this run's own"),
     ("main", "POST", FILTER, {"flow_runs": {"id": {"any_": ["{main}"]}}, "deployments": {"id": {}}}, "flow runs only"),
     ("main", "POST", FILTER, {}, "must name this run, or its own task runs' children"),
+    ("main", "POST", FILTER, {"flow_runs": {"parent_flow_run_id": {"any_": ["{main}"]}}}, None),
+    ("main", "POST", FILTER, {"flow_runs": {"parent_flow_run_id": {"any_": ["{other_main}"]}}}, "must name this run"),
     # Variables: named after its own run; the registered steps for a main flow.
     ("step", "GET", "/api/variables/name/subflow-output-{step}", None, None),
     ("step", "POST", "/api/variables/", {"name": "subflow-output-{step}", "value": {}}, None),
@@ -370,6 +372,7 @@ def test_a_container_watches_its_own_runs_events_only(world):
 
 def test_the_credential_is_the_runs_own():
     key, run_id = b"k" * 32, str(uuid.uuid4())
-    assert run_of(f"{run_id}:{mac(key, run_id)}", key) == run_id
-    for forged in (f"{run_id}:{mac(b'x' * 32, run_id)}", f"{uuid.uuid4()}:{mac(key, run_id)}", run_id, "", None):
+    assert run_of(credential(key, run_id), key) == run_id
+    mac = credential(key, run_id).partition(":")[2]
+    for forged in (credential(b"x" * 32, run_id), f"{uuid.uuid4()}:{mac}", run_id, f"{run_id}:", "", None):
         assert run_of(forged, key) is None
