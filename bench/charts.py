@@ -50,6 +50,19 @@ def mapped(results: dict[str, Any], path: Path) -> None:
     save(figure, [left, right], path)
 
 
+def cancel(results: dict[str, Any], path: Path) -> None:
+    """Seconds from a cancel, and from a main container killed, to a pipeline stopped: each run."""
+    figure, axis = plt.subplots(figsize=(6.5, 3.6))
+    figures = results["cancel"]
+    axis.boxplot([samples["samples"] for samples in figures.values()], labels=list(figures), vert=False)
+    axis.set(xlabel="seconds to every run final and every container gone", title="Stopping a pipeline", xlim=(0, None))
+    axis.axvline(15, color="grey", linestyle="--", linewidth=1, label="the 15 s target")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def save(figure: Any, axes: list[Any], path: Path) -> None:
     for axis in axes:
         axis.grid(True, which="both", alpha=0.3)
@@ -59,7 +72,7 @@ def save(figure: Any, axes: list[Any], path: Path) -> None:
     plt.close(figure)
 
 
-CHARTS: dict[str, Callable[[dict[str, Any], Path], None]] = {"sizes": sizes, "mapped": mapped}
+CHARTS: dict[str, Callable[[dict[str, Any], Path], None]] = {"sizes": sizes, "mapped": mapped, "cancel": cancel}
 
 
 def draw(results: dict[str, Any], directory: Path) -> list[Path]:

@@ -146,6 +146,21 @@ def redeploy(results: dict[str, Any]) -> list[str]:
     return [f"**Redeploying** the subflow after a one-line change: {fmt(results['redeploy'], 1)} s."]
 
 
+def authority(results: dict[str, Any]) -> list[str]:
+    figures = results["authority"]
+    ways = list(figures["read its run"])
+    calls = [c for c in figures if not c.startswith("10 at once")]
+    rows = [[f"{call} (ms)", *(fmt(figures[call][way], 1) for way in ways)] for call in calls]
+    rows.append(["10 at once (calls/s)", *(f"{figures['10 at once, calls/s'][way]:.0f}" for way in ways)])
+    intro = "**Per-run authority**: a flow container's API calls checked against its run, and with a shared credential."
+    return [intro, ""] + table(["call", *ways], rows)
+
+
+def cancel(results: dict[str, Any]) -> list[str]:
+    rows = [[figure, fmt(samples, 1)] for figure, samples in results["cancel"].items()]
+    return ["**Stopping a pipeline** (s), validate running in partitions.", ""] + table(["from", "seconds"], rows)
+
+
 TABLES: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "floor": floor,
     "latency": latency,
@@ -157,6 +172,8 @@ TABLES: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "mapped": mapped,
     "throughput": throughput,
     "redeploy": redeploy,
+    "authority": authority,
+    "cancel": cancel,
 }
 NEEDS = {"cpu": "latency"}  # a table drawn from another stage's results
 

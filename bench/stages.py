@@ -1,17 +1,22 @@
 """The benchmark's stages: each measures one figure of the pipeline, with the sizes and repeats of
 a `Plan` (the full one, or the smoke's: each stage once, at its smallest size)."""
 
+import concurrent.futures
 import dataclasses
+import json
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from bench.measure import CpuMeter, correct, hops, idle_cpu, spread, timestamps, trigger_to_completed
 from bench.stack import Bench
-from tests.harness import S3_KEYS, SETTINGS, expected_summary, iris_like, project_copy
+from tests.harness import PREFECT, S3_KEYS, SETTINGS, expected_summary, iris_like, project_copy, wait_for
 
 # Each component: its deployment and its flow module (what a flow-run container imports).
 COMPONENTS = {
@@ -40,13 +45,14 @@ class Plan:
     redeploys: int = 3
     intervals: tuple[float, ...] = (0.25, 1.0)
     idle_s: float = 30
+    api_calls: int = 200  # per call and way; 10 times as many for throughput
 
     @classmethod
     def smoke(cls) -> "Plan":
         """Each stage once, at its smallest size: proves the benchmark works, not its figures."""
         return cls(
             runs=1, warm_up=False, rows=(1_000,), size_runs=1, stores=("file",), format_rows=(1_000,),
-            mapped_rows=(), partitions=(2,), concurrency=(1,), redeploys=1, intervals=(1.0,), idle_s=1,
+            mapped_rows=(), partitions=(2,), concurrency=(1,), redeploys=1, intervals=(1.0,), idle_s=1, api_calls=5,
         )  # fmt: skip
 
 
@@ -63,10 +69,14 @@ def floor(bench: Bench, plan: Plan) -> dict[str, Any]:
     for component, (deployment, module) in COMPONENTS.items():
         image = bench.stack.deployment(deployment).job_variables["image"]
         load = f"import sys; sys.path.insert(0, '/opt/prefect/pipeline'); import prefect.engine, {module}"
+        bounds = [a for key, value in SETTINGS.items() if key.startswith("MAX_") for a in ("-e", f"{key}={value}")]
         result[component] = {
             "start": spread([timed("docker", "run", "--rm", "--entrypoint", "true", image) for _ in range(plan.runs)]),
             "start+imports": spread(
-                [timed("docker", "run", "--rm", "--entrypoint", "python", image, "-c", load) for _ in range(plan.runs)]
+                [
+                    timed("docker", "run", "--rm", *bounds, "--entrypoint", "python", image, "-c", load)
+                    for _ in range(plan.runs)
+                ]
             ),
         }
     result["pipeline"] = sum(v["start+imports"]["median"] for v in result.values())
@@ -286,6 +296,124 @@ def redeploy(bench: Bench, plan: Plan) -> dict[str, float]:
     return spread(samples)
 
 
+def authority(bench: Bench, plan: Plan) -> dict[str, Any]:
+    """What per-run authority costs a flow container's API calls: each call through the flow
+    listener with a run's own credential (the authority checks it against the run, bodies
+    included) against the same call with one shared credential (the admin listener: nginx, then
+    the server), alternating; latency one at a time, and throughput 10 at once."""
+    stack = bench.stack
+    run = stack.start(bench.designs["docker"])
+    credential = own_credential(bench, run.id)
+    assert stack.wait_final(run.id).state.is_completed()
+    with stack.api() as client:  # a task run of its own, for its logs to name
+        body = {"flow_run_id": str(run.id), "task_key": "bench", "dynamic_key": "bench", "name": "bench"}
+        task_run = client.request("POST", "/task_runs/", json=body).json()
+    flow_listener = f"http://127.0.0.1:{stack.env()['PREFECT_FLOW_PORT']}/api"
+    ways = {
+        "per-run authority": (flow_listener, credential),
+        "shared credential": (stack.api_url, stack.secret("api-auth-string")),
+    }
+    log = [{"flow_run_id": str(run.id), "task_run_id": task_run["id"], "level": 20, "message": "bench",
+            "name": "bench", "timestamp": datetime.now(UTC).isoformat()}]  # fmt: skip
+    calls = {
+        "read its run": ("GET", f"/flow_runs/{run.id}", None),
+        "write a log": ("POST", "/logs/", log),
+    }
+    result: dict[str, Any] = {}
+    with httpx.Client(timeout=60) as http:
+        sessions = {way: Session(http, url, auth) for way, (url, auth) in ways.items()}
+        for call, (method, path, body) in calls.items():
+            samples: dict[str, list[float]] = {way: [] for way in ways}
+            for _ in range(plan.api_calls):
+                for way, session in sessions.items():  # alternating: the same load on both
+                    samples[way].append(session.timed(method, path, body))
+            result[call] = {way: spread([s * 1000 for s in xs]) for way, xs in samples.items()}
+        result["10 at once, calls/s"] = {
+            way: at_once(session, *calls["read its run"], plan.api_calls * 10) for way, session in sessions.items()
+        }
+    return result
+
+
+def at_once(session: "Session", method: str, path: str, body: Any, n: int) -> float:
+    """Calls per second of `n` calls, 10 at a time."""
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        list(pool.map(lambda _: session.timed(method, path, body), range(n)))
+    return n / (time.monotonic() - started)
+
+
+def own_credential(bench: Bench, run_id: Any) -> str:
+    """The credential the worker gave the container of `run_id`, read off the container."""
+    (container,) = wait_for("the run's container", lambda: bench.stack.containers(run_id, running=True), 120, 0.1)
+    env = json.loads(bench.stack.sh("docker", "inspect", "-f", "{{json .Config.Env}}", container).stdout)
+    return next(item.split("=", 1)[1] for item in env if item.startswith("PREFECT_API_AUTH_STRING="))
+
+
+@dataclasses.dataclass
+class Session:
+    """API calls with one auth string, CSRF token included as Prefect's clients send it."""
+
+    http: httpx.Client
+    url: str
+    auth: str
+
+    def __post_init__(self) -> None:
+        client = str(uuid.uuid4())
+        self.headers = {"Prefect-Csrf-Client": client}
+        token = self.http.get(f"{self.url}/csrf-token", params={"client": client}, auth=self.basic)
+        if token.status_code == 200:
+            self.headers["Prefect-Csrf-Token"] = token.json()["token"]
+
+    @property
+    def basic(self) -> httpx.BasicAuth:
+        return httpx.BasicAuth(*self.auth.split(":", 1))
+
+    def timed(self, method: str, path: str, body: Any) -> float:
+        started = time.monotonic()
+        answer = self.http.request(method, f"{self.url}{path}", json=body, auth=self.basic, headers=self.headers)
+        answer.raise_for_status()
+        return time.monotonic() - started
+
+
+def cancel(bench: Bench, plan: Plan) -> dict[str, Any]:
+    """How soon a pipeline stops: from `prefect flow-run cancel` to the last of its containers gone,
+    and from its main container killed to its last step run final and its containers gone; each
+    while validate runs in partitions, two at a time."""
+    samples: dict[str, list[float]] = {CANCELLED: [], KILLED: []}
+    for i in range(plan.runs):
+        for n, figure in enumerate(samples):
+            samples[figure].append(stop_one(bench, figure, bench.serve(1_000 + 2 * i + n)))  # never cached
+    return {figure: {**spread(xs), "samples": xs} for figure, xs in samples.items()}
+
+
+CANCELLED, KILLED = "cancel to every container gone", "main killed to every step stopped"
+
+
+def stop_one(bench: Bench, figure: str, source: str) -> float:
+    """Seconds from a cancel (or a kill) of one pipeline run to it stopped."""
+    stack, steps = bench.stack, [{"step": "validate/validate", "rows_per_partition": 50}]
+    run = stack.start(bench.designs["docker"], source=source, steps=steps, part_rows=50, partitions_at_once=2)
+    wait_for("a validate partition running", lambda: running_child(stack, run.id), LONG)
+    (container,) = wait_for("the main container", lambda: stack.containers(run.id, running=True), 120)
+    started = time.monotonic()
+    if figure == CANCELLED:
+        stack.sh(PREFECT, "flow-run", "cancel", str(run.id))
+    else:
+        stack.sh("docker", "kill", container)
+    wait_for(f"run {run.id} stopped", lambda: stopped(stack, run.id), 300, every=0.2)
+    return time.monotonic() - started
+
+
+def running_child(stack: Any, run_id: Any) -> Any:
+    return next((c for c in stack.children(run_id) if c.state.is_running()), None)
+
+
+def stopped(stack: Any, run_id: Any) -> bool:
+    """Whether a main run and its step runs are final and none of their containers is left."""
+    runs = [stack.read_run(run_id), *stack.children(run_id)]
+    return all(r.state.is_final() for r in runs) and not any(stack.containers(r.id) for r in runs)
+
+
 STAGES: dict[str, Callable[[Bench, Plan], Any]] = {
     "floor": floor,
     "latency": latency,
@@ -296,4 +424,6 @@ STAGES: dict[str, Callable[[Bench, Plan], Any]] = {
     "mapped": mapped,
     "throughput": throughput,
     "redeploy": redeploy,
+    "authority": authority,
+    "cancel": cancel,
 }

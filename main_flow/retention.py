@@ -80,15 +80,17 @@ def orphaned_entries(fs: fsspec.AbstractFileSystem, stored: set[str]) -> list[st
 def expired_variables(client: SyncPrefectClient, cutoff: datetime, runs: set[str]) -> list[str]:
     """The per-run Variables (the steps' outputs, the live status) of an expired run, or created
     before `cutoff`."""
-    expired, offset = [], 0
-    query = {"variables": {"tags": {"any_": ["subflow-output", STATUS_TAG]}}, "limit": PAGE}
-    while page := client.request("POST", "/variables/filter", json={**query, "offset": offset}).json():
-        for variable in page:
-            output = variable["value"].get("output", "") if isinstance(variable["value"], dict) else ""
-            run = variable["name"].removeprefix(STATUS_PREFIX) if STATUS_TAG in variable["tags"] else run_id_of(output)
-            if run in runs or datetime.fromisoformat(variable["created"]) < cutoff:
-                expired.append(variable["name"])
-        offset += len(page)
+    expired = []
+    for tag in ("subflow-output", STATUS_TAG):  # the server filters variables by all of some tags only
+        query, offset = {"variables": {"tags": {"all_": [tag]}}, "limit": PAGE}, 0
+        while page := client.request("POST", "/variables/filter", json={**query, "offset": offset}).json():
+            for variable in page:
+                value = variable["value"]
+                output = value.get("output", "") if isinstance(value, dict) else ""
+                run = variable["name"].removeprefix(STATUS_PREFIX) if tag == STATUS_TAG else run_id_of(output)
+                if run in runs or datetime.fromisoformat(variable["created"]) < cutoff:
+                    expired.append(variable["name"])
+            offset += len(page)
     return expired
 
 

@@ -304,6 +304,10 @@ class Stack:
             client_kwargs={"endpoint_url": self.s3_url},
         )  # fmt: skip
 
+    def volume_dir(self, name: str) -> str:
+        """Where this stack's volume `name` is on the Docker host: what the workers bind from."""
+        return self.sh("docker", "volume", "inspect", "-f", "{{.Mountpoint}}", f"{self.project}_{name}").stdout.strip()
+
     def on_volume(
         self, name: str, command: str, *args: str, write_as: str | None = None, check: bool = True
     ) -> subprocess.CompletedProcess:

@@ -39,8 +39,12 @@ def test_every_stage_runs_once_and_writes_its_results_charts_and_tables(stack, t
     assert [results["formats"]["1000"][form]["correct"] for form in FORMS] == [1, 1, 1]
     assert {p: figures["seconds"]["n"] for p, figures in results["mapped"]["1000"].items()} == {"2": 1}
     assert results["redeploy"]["n"] == 1
+    assert {way: figures["n"] for way, figures in results["authority"]["write a log"].items()} == {
+        "per-run authority": 5, "shared credential": 5
+    }  # fmt: skip
+    assert [figures["n"] for figures in results["cancel"].values()] == [1, 1]
     # Its charts, and a table per figure.
-    assert sorted(results["charts"]) == ["mapped.png", "sizes.png"]
+    assert sorted(results["charts"]) == ["cancel.png", "mapped.png", "sizes.png"]
     assert all((tmp_path / name).read_bytes().startswith(PNG) for name in results["charts"])
     tables = report.report(results)
     for name, table in report.TABLES.items():

@@ -7,7 +7,7 @@ from prefect.client.schemas.actions import DeploymentUpdate
 from prefect.exceptions import PrefectHTTPStatusError
 
 from conftest import iris_rows, to_csv
-from tests.harness import PREFECT, wait_for
+from tests.harness import PREFECT
 
 pytestmark = pytest.mark.e2e
 
@@ -41,15 +41,6 @@ def test_a_failing_step_fails_the_pipeline_and_stops_it(stack, failed):
 
 def test_a_source_on_a_private_address_fails_before_any_step(stack, failed):
     assert_failed_cleanly(stack, failed["private source"], "host 'gateway' has the non-public address")
-
-
-def test_a_killed_main_container_is_reported_and_removed(stack):
-    """A step's container killed is the memory-limit case below: the same path, Crashed."""
-    run = stack.start("main-flow/main")
-    container = wait_for("the main flow's container", lambda: stack.containers(run.id, running=True), 120)
-    stack.sh("docker", "kill", *container)
-    assert stack.wait_final(run.id).state.is_crashed()
-    wait_for(f"containers of {run.id} to be removed", lambda: not stack.containers(run.id))
 
 
 def test_a_step_over_its_memory_limit_crashes_is_retried_and_says_so(stack):

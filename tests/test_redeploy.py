@@ -128,7 +128,7 @@ def test_redeploy_while_a_run_is_in_flight(stack, restore, tmp_path):
     # 2. The step's container is already running: it finishes on its own image.
     running = stack.start("main-flow/main", steps=["subflow/subflow"])
     child = stack.child(running.id, "subflow")
-    container = wait_for("the step's container", lambda: stack.containers(child.id, running=True), 120)
+    container = wait_for("the step's container", lambda: stack.containers(child.id, running=True), 120, every=0.1)
     stack.sh("docker", "pause", *container)
     try:
         stack.deploy("subflow", cwd=changed_subflow(tmp_path / "b", "v3"))

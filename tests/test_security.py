@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import uuid
+from pathlib import PurePosixPath
 
 import httpx
 import pytest
@@ -33,44 +34,50 @@ def beside(ref: dict, name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def stored_input(stack) -> dict:
-    run = stack.run("main-flow/main")
-    assert run.state.is_completed(), run.state
-    return stack.output(run)["input"]
+def pipelines(stack) -> list:
+    """Two pipeline runs: the first computes, the second (the same input) reuses every step."""
+    runs = [stack.run("main-flow/main") for _ in range(2)]
+    assert all(run.state.is_completed() for run in runs), [run.state for run in runs]
+    return runs
 
 
-# Run inside a flow container's image, network, user and environment: what a flow run may call.
-PROBE = """
-import json, os, sys, httpx
-api, run, pool = os.environ["PREFECT_API_URL"], os.environ["PREFECT__FLOW_RUN_ID"], sys.argv[1]
-auth = httpx.BasicAuth(*os.environ["PREFECT_API_AUTH_STRING"].split(":", 1))
-def status(method, url, **kw):
-    try:
-        return httpx.request(method, url, auth=auth, timeout=5, **kw).status_code
-    except httpx.HTTPError as exc:
-        return type(exc).__name__
-print(json.dumps({
-    "own run": status("GET", f"{api}/flow_runs/{run}"),
-    "read pool": status("GET", f"{api}/work_pools/{pool}"),
-    "write pool": status("PATCH", f"{api}/work_pools/{pool}", json={"base_job_template": {}}),
-    "create deployment": status("POST", f"{api}/deployments/", json={}),
-    "list blocks": status("POST", f"{api}/block_documents/filter", json={}),
-    "write automation": status("POST", f"{api}/automations/", json={}),
-    "rewrite the steps": status("PATCH", f"{api}/variables/name/pipeline-steps", json={"value": []}),
-    "admin listener": status("GET", api.replace(":4201", ":4200") + f"/work_pools/{pool}"),
-    "server itself": status("GET", f"http://prefect-server:4200/api/work_pools/{pool}"),
-}))
-"""
+@pytest.fixture(scope="module")
+def stored_input(stack, pipelines) -> dict:
+    return stack.output(pipelines[0])["input"]
 
 
-def test_flow_containers_run_with_least_privilege(stack, stored_input):
-    run = stack.start("subflow/subflow", data=stored_input, out=beside(stored_input, "priv"))
+def platform(stack, other) -> dict:
+    """What an attack on the platform would change: another run, the pipeline, pools, blocks."""
+    with stack.api() as client:
+        run = client.read_flow_run(other.id)
+        return {
+            "other run": (run.name, run.state.type, run.state.message, run.infrastructure_pid, run.job_variables),
+            "steps": client.read_variable_by_name("pipeline-steps").value,
+            "variables": sorted(v.name for v in client.read_variables()),
+            "pools": {p.name: p.base_job_template for p in client.read_work_pools()},
+            "deployments": sorted(str(d.id) for d in client.read_deployments()),
+            "automations": len(client.read_automations()),
+            "runs named gateway": len([r for r in client.read_flow_runs() if r.name == "gateway"]),
+        }
+
+
+def test_a_compromised_step_touches_only_its_own_run(stack, pipelines, stored_input):
+    """A step's container runs with least privilege and its own run's credential; a script with
+    only what it holds (tests/attacks.py: its image, network, user, environment and mounts) is
+    refused every attack of README's *Security* table, and nothing on the platform changes."""
+    first, other = pipelines
+    out = beside(stored_input, "priv")
+    run = stack.start("subflow/subflow", data=stored_input, out=out)
     info = inspect(stack, run.id)
     host = info["HostConfig"]
     env = dict(item.split("=", 1) for item in info["Config"]["Env"])
-    assert stack.secret("api-auth-string") not in json.dumps(info)  # the flow credential only:
-    assert env["PREFECT_API_AUTH_STRING"] == stack.secret("flow-auth-string")
-    assert env["PREFECT_API_URL"].endswith(":4201/api")  # the gateway's flow listener
+    assert stack.secret("api-auth-string") not in json.dumps(info)  # its own run's credential only:
+    assert env["PREFECT_API_AUTH_STRING"].startswith(f"{run.id}:") and "PIPELINE_CACHE_KEY" not in env
+    assert env["PREFECT_API_URL"].endswith(":4201/api")  # the gateway's flow listener: the authority
+    assert env["COMPONENT_IMAGE"] == info["Config"]["Image"]  # what the worker ran, not what a caller said
+    assert info["Name"] == f"/flow-{run.id}"  # named by the worker, never by the run
+    for network in info["NetworkSettings"]["Networks"].values():
+        assert set(network["Aliases"] or []) <= {f"flow-{run.id}", info["Id"][:12]}, network["Aliases"]
     assert info["Config"]["User"] == f"{SETTINGS['FLOW_UID']}:{SETTINGS['FLOW_UID']}"
     assert host["CapDrop"] == ["ALL"] and not host["CapAdd"]
     assert host["SecurityOpt"] == ["no-new-privileges:true"]
@@ -78,18 +85,38 @@ def test_flow_containers_run_with_least_privilege(stack, stored_input):
     assert host["Memory"] == host["MemorySwap"] == 1 << 30  # 1g, and no swap beyond it
     assert host["NanoCpus"] == 10**9 and host["PidsLimit"] == 512
     assert host["Privileged"] is False
-    assert host["Binds"] == [f"{stack.project}_data:/data"]  # the data volume, nothing of the host
+    assert host["LogConfig"] == {"Type": "json-file", "Config": {"max-file": "2", "max-size": "10m"}}
+    store = stack.data_url().removeprefix("file://")
+    mounted = {bind.split(":")[1].removeprefix(f"{store}/"): bind.split(":")[2] for bind in host["Binds"]}
+    parts = [part["uri"].removeprefix(f"{stack.data_url()}/") for part in stored_input.get("parts", [stored_input])]
+    assert mounted == {out.removeprefix(f"{stack.data_url()}/"): "rw", **{part: "ro" for part in parts}}
     assert stack.wait_final(run.id).state.is_completed()
 
-    # What that container may call through the gateway: its runs, never pools, deployments, blocks.
-    user = ("-u", info["Config"]["User"], "--network", host["NetworkMode"])
+    before = platform(stack, other)
+    binds = [a for bind in host["Binds"] for a in ("-v", bind)]
+    user = ("-u", info["Config"]["User"], "--network", host["NetworkMode"], "--read-only", "--tmpfs", "/tmp")
     args = [a for item in info["Config"]["Env"] for a in ("-e", item)]
-    command = (info["Config"]["Image"], "python", "-c", PROBE, stack.env()["FLOW_POOL"])
-    probe = stack.sh("docker", "run", "--rm", *user, *args, *command)
+    their_file = stack.layout(other.id).output.removeprefix("file://")
+    attack = (stack.env()["SUBFLOW_POOL"], str(other.id), str(first.deployment_id), their_file)
+    script = (ROOT / "tests" / "attacks.py").read_text()
+    image = info["Config"]["Image"]
+    probe = stack.sh("docker", "run", "--rm", *user, *args, *binds, image, "python", "-c", script, *attack)
+    dirs = {"runs", *(str(p) for path in mounted for p in PurePosixPath(path).parents if str(p) != ".")}
     assert json.loads(probe.stdout) == {
-        "own run": 200, "read pool": 200, "write pool": 403, "create deployment": 403, "list blocks": 403,
-        "write automation": 403, "rewrite the steps": 403, "admin listener": 401, "server itself": "ConnectError",
-    }  # fmt: skip
+        "own run": 200, "another run": 403, "every run's parameters": 403, "rename another run": 403,
+        "repoint another run's container": 403, "complete another run": 403, "start a run named gateway": 403,
+        "own run's image": 403, "registry password": 403, "write pool": 403, "create work pool": 403,
+        "create deployment": 403, "write automation": 403, "rewrite the steps": 403,
+        "another run's variable": 403, "a variable of any name": 403,
+        "admin listener": 401, "server itself": "ConnectError",
+        "worker channel": "refused: HTTP 403", "worker channel, admin listener": "refused: closed 1008",
+        "heartbeat with no credential": "refused: closed 1008",
+        "heartbeat with no credential, admin listener": "refused: closed 1008",
+        "another run's heartbeat": "refused: closed 1008",
+        "store": sorted(dirs | {out.removeprefix(f"{stack.data_url()}/")}),
+        "read another run's file": False, "forge a cache entry": "FileNotFoundError", "environment": [],
+    }, probe.stdout  # fmt: skip
+    assert platform(stack, other) == before
 
 
 @pytest.mark.parametrize(
@@ -118,19 +145,19 @@ def test_a_raw_api_run_outside_the_policy_crashes_without_a_container(stack, job
 
 
 def test_steps_and_the_main_flow_refuse_references_and_images_from_elsewhere(stack, stored_input):
-    """A step reads nothing outside the store's runs/ (here the API itself, as a part of a dataset)
-    and writes nowhere but its run; the main flow replays no such input and runs no image of
-    another registry."""
+    """A step is given nothing outside its pipeline's part of the store (here the API itself, as a
+    part of a dataset, or an output in another run's directory): its worker refuses to start it.
+    The main flow replays no such input and runs no image of another registry."""
     probe = dataset_of([stored_input, {**stored_input, "uri": "http://gateway:4201/api/health"}])
     read = stack.run("subflow/subflow", data=probe, out=beside(stored_input, "probe"))
-    assert read.state.is_failed() and "reference refused: http://gateway:4201/api/health" in read.state.message
+    assert read.state.is_crashed() and "'http://gateway:4201/api/health' is not in the data store" in read.state.message
     replay = stack.run("main-flow/main", data=probe)
     assert replay.state.is_failed() and "reference refused: http://gateway:4201/api/health" in replay.state.message
     assert stack.children(replay.id) == []
     other = stack.layout(uuid.uuid4()).step("subflow")
     write = stack.run("subflow/subflow", data=stored_input, out=other)
-    assert write.state.is_failed() and f"reference refused: {other} is not in this run's part" in write.state.message
-    assert not stack.exists(other)
+    assert write.state.is_crashed() and "is not in the directory of its main run" in write.state.message, write.state
+    assert not stack.exists(other) and not stack.containers(read.id) and not stack.containers(write.id)
     foreign = stack.run("main-flow/main", images={"subflow/subflow": "evil.example/miner:1"})
     assert (
         foreign.state.is_failed()
@@ -150,7 +177,9 @@ def test_a_pool_template_rewritten_through_the_api_crashes_the_run(stack, stored
     finally:
         with stack.api() as client:
             client.update_work_pool(pool, WorkPoolUpdate(base_job_template=template))
-    assert run.state.is_crashed() and "privileged; volumes ['/:/host']" in run.state.message, run.state
+    # Its volumes are the worker's own choice (the run's part of the store): the template's are never used.
+    assert run.state.is_crashed() and run.state.message.endswith("refused by pools/policy.json: privileged"), run.state
+    assert not stack.containers(run.id)
 
 
 def test_a_run_cannot_widen_the_pool_template(stack, stored_input):
@@ -170,7 +199,8 @@ def test_a_run_cannot_widen_the_pool_template(stack, stored_input):
         and not host["CapAdd"]
         and info["Config"]["User"] == f"{SETTINGS['FLOW_UID']}:{SETTINGS['FLOW_UID']}"
     )
-    assert host["Binds"] == [f"{stack.project}_data:/data"] and host["NetworkMode"] == f"{stack.project}_default"
+    assert not [bind for bind in host["Binds"] if not bind.startswith(f"{stack.volume_dir('data')}/runs/")]
+    assert host["NetworkMode"] == f"{stack.project}_default"
     assert info["Config"]["Cmd"] == ["python", "-m", "prefect.engine"]
     assert stack.wait_final(run.id).state.is_completed()
 
@@ -224,7 +254,7 @@ def test_a_registry_that_refuses_credentials_crashes_the_run_with_the_cause(stac
 def test_no_secret_in_images_templates_or_deployments(stack):
     """Every secret the stack generated (its ./.secrets copy), in full and by its password part."""
     secrets = {path.name: path.read_text().strip() for path in (ROOT / ".secrets" / stack.project).iterdir()}
-    assert {"api-auth-string", "flow-auth-string", "postgres-password", "registry-password"} <= set(secrets)
+    assert {"api-auth-string", "flow-run-key", "cache-key", "postgres-password", "registry-password"} <= set(secrets)
     needles = {value.split(":", 1)[-1] for value in secrets.values()}  # user:password: the password alone too
     with stack.api() as client:
         pools = [client.read_work_pool(stack.env()[p]).base_job_template for p in ("FLOW_POOL", "SUBFLOW_POOL")]

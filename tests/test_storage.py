@@ -72,39 +72,42 @@ def test_100k_rows_by_reference_in_file_mode(stack, dataset, file_mode):
         assert len(json.dumps(client.read_flow_run(subflow["flow_run_id"]).parameters)) < 1000
 
 
-def test_retention_removes_expired_run_data_results_and_variables(stack):
-    """What is older than DAYS, or belongs to a run the server forgot, goes; the rest stays."""
+def test_retention_removes_expired_run_data_and_variables(stack):
+    """What is older than DAYS, or belongs to a run the server forgot, goes; the rest stays, and
+    nothing outside runs/ and cache/ is touched."""
     new = stack.run("main-flow/main")
     variable = stack.output(new)["results"]["subflow/subflow"]["variable"]
     old = stack.layout(uuid.uuid4())  # a run the server no longer knows, with 8-day-old files
-    old_dir, results = old.dir.removeprefix("file://"), f"{stack.data_url()}/results".removeprefix("file://")
+    old_dir, store = old.dir.removeprefix("file://"), stack.data_url().removeprefix("file://")
     cache = f"{stack.data_url()}/cache"
     aged = (
-        f"mkdir -p {old_dir}/subflow && touch -d '8 days ago' {old_dir}/input.parquet {results}/expired && "
+        f"mkdir -p {old_dir}/subflow {store}/elsewhere && touch -d '8 days ago' {old_dir}/input.parquet "
+        f"{store}/elsewhere/old && "
         f"""echo '{{"run": "{old.run_id}"}}' > {cache.removeprefix("file://")}/expired.json"""
     )
     stack.on_volume("data", "sh", "-c", aged, write_as=SETTINGS["FLOW_UID"])
     with stack.api() as client:
-        client.create_variable(
-            VariableCreate(
-                name=f"subflow-output-{old.run_id}", value={"output": old.step("subflow")}, tags=["subflow-output"]
-            )
-        )
-    kept = set(stack.written(f"{stack.data_url()}/results")) - {f"{results}/expired"}
+        for name, tag in (
+            (f"subflow-output-{old.run_id}", "subflow-output"),
+            (f"pipeline-status-{old.run_id}", "pipeline-status"),
+        ):
+            client.create_variable(VariableCreate(name=name, value={"output": old.step("subflow")}, tags=[tag]))
     with pytest.raises(Exception, match="0 is less than the minimum of 1"):  # days=0 would delete everything
         stack.start("retention/retention", days=0)
 
     (command,) = [b[0] for b in readme_blocks("## Data by reference") if b[0].startswith("make retention")]
     assert "Completed" in stack.shell(command)  # DAYS=7, as written
     assert not stack.exists(old.dir) and stack.exists(stack.layout(new.id).output)
-    assert set(stack.written(f"{stack.data_url()}/results")) == kept
+    assert stack.exists(f"{stack.data_url()}/elsewhere/old")  # not its to delete, however old
     # The cache entries of the removed run go with it; those of the run kept stay.
     assert not stack.exists(f"{cache}/expired.json")
     kept_entries = stack.on_data_volume("grep", "-rlF", f'"run": "{new.id}"', cache.removeprefix("file://"))
     assert len(kept_entries.stdout.split()) == 3  # ingest, validate, subflow
     with stack.api() as client:
         assert client.read_variable_by_name(f"subflow-output-{old.run_id}") is None
+        assert client.read_variable_by_name(f"pipeline-status-{old.run_id}") is None
         assert client.read_variable_by_name(variable) is not None
+        assert client.read_variable_by_name(f"pipeline-status-{new.id}") is not None
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +138,8 @@ def test_s3_mode_gives_the_same_output_as_file_mode(stack, dataset, file_mode, s
         assert result["summary"] == file_output["results"][name]["summary"]
     objects = stack.s3().find(f"pipeline/data/runs/{run.id}")
     assert sorted(o.rsplit(f"{run.id}/", 1)[1] for o in objects) == [
-        "input/part-00000.parquet", "output.json", "subflow/summary.parquet"
+        "input/part-00000.parquet", "output.json", "subflow/result.json", "subflow/summary.parquet",
+        "validate/result.json",
     ]  # fmt: skip
     assert stack.s3().find("pipeline/data/results")  # Prefect's results went to the same store
     assert not stack.exists(f"{SETTINGS['PIPELINE_DATA_URL']}/runs/{run.id}")
@@ -221,7 +225,7 @@ def engine():
 def remote_worker(stack, s3_mode, engine, tmp_path_factory):
     """worker/compose.yml on the second engine, as the README's recipe runs it on another host."""
     secrets = tmp_path_factory.mktemp("remote-secrets")
-    for name in ("api-auth-string", "flow-auth-string", "registry-password", "registry-htpasswd"):
+    for name in ("api-auth-string", "flow-run-key", "cache-key", "registry-password", "registry-htpasswd"):
         shutil.copy(ROOT / ".secrets" / stack.project / name, secrets / name)
     env = {
         **stack.env(),

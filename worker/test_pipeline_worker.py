@@ -2,6 +2,7 @@
 put a container's end into words (pipeline_worker/exits.py)."""
 
 import os
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,13 @@ Traceback (most recent call last):
     import notinstalled
 ModuleNotFoundError: No module named 'notinstalled'
 """
+# What the last 50 lines of a real one hold: the end of a long traceback, Prefect's wrapper last.
+SCRIPT_FAILED = """\
+  File "/usr/local/lib/python3.11/dist-packages/prefect/utilities/importtools.py", line 128, in load_script_as_module
+    raise ScriptError(user_exc=exc, path=path) from exc
+prefect.exceptions.ScriptError: Script at 'broken/broken.py' encountered an exception: \
+ModuleNotFoundError("No module named 'notinstalled'")
+"""
 
 
 @pytest.mark.parametrize(
@@ -156,6 +164,8 @@ ModuleNotFoundError: No module named 'notinstalled'
     [
         (Exit(1, False, IMPORT_FAILED, started=False), True, "ModuleNotFoundError: No module named 'notinstalled' "
          "(the component could not be loaded: add the module's package to the component's requirements.txt"),
+        (Exit(1, False, SCRIPT_FAILED, started=False), True, "ModuleNotFoundError: No module named 'notinstalled' "
+         "(the component could not be loaded"),
         # The same exit once the flow ran is the engine's, not the component's import: retried.
         (Exit(1, False, IMPORT_FAILED, started=True), False, "ModuleNotFoundError: No module named 'notinstalled'"),
         (Exit(1, False, "httpx.ConnectError: [Errno 111] Connection refused", started=False), False,
@@ -248,11 +258,14 @@ def run_in(prefect_api):
         (Pending(), STEP, Failed(), CANCEL, "ended Failed"),
         (Running(), STEP, Cancelled(), CANCEL, "ended Cancelled"),
         (Running(), MAIN, None, None, ""),
+        (Completed(), STEP, None, None, "now"),  # its engine may still be sending its last logs
     ],
 )
 def test_the_sweep_stops_what_is_over_and_cancels_the_steps_of_a_main_run_that_did_not_complete(
     run_in, state, role, main, action, why
 ):
     run = run_in(state) if state is not None else None
-    decided, said = reaping(run, Role(role, run_in(main) if main is not None else None))
-    assert decided == action and why in said, said
+    # A minute after the run's last state, or at once ("now")
+    now = datetime.now(UTC) + timedelta(seconds=0 if why == "now" else 60)
+    decided, said = reaping(run, Role(role, run_in(main) if main is not None else None), now)
+    assert decided == action and (why in said or why == "now"), said

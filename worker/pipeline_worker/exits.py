@@ -5,6 +5,7 @@ The container's output is read once, when it has exited, and only its tail is ke
 own log never holds a copy of it.
 """
 
+import ast
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -13,8 +14,10 @@ from prefect._internal.infrastructure_exit_codes import get_infrastructure_exit_
 
 TAIL_LINES = 50
 TAIL_BYTES = 8 << 10
-# What prefect.engine logs when the component's module cannot be loaded (an import or syntax error).
-LOAD_FAILED = "Unexpected exception encountered when trying to load flow"
+# What prefect.engine prints when the component's module cannot be loaded (an import or syntax
+# error): its log line heads a traceback often longer than the tail, whose last line is the ScriptError.
+LOAD_FAILED = ("Unexpected exception encountered when trying to load flow", "prefect.exceptions.ScriptError: Script at")
+SCRIPT_ERROR = re.compile(r"ScriptError: Script at '[^']*' encountered an exception: ([A-Za-z_]\w*)\((.*)\)$")
 EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Exit|Interrupt))(?::\s.*)?$")
 USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s@]+@")  # scheme://user:password@host
 QUERY = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s?#]*)[?#]\S*")  # a presigned token, say
@@ -55,7 +58,7 @@ class Exit:
     def own_failure(self) -> bool:
         """The component's own code failed before its flow started (it could not be imported):
         not worth a retry, which would fail the same way."""
-        return self.code == 1 and not self.started and LOAD_FAILED in self.tail
+        return self.code == 1 and not self.started and any(marker in self.tail for marker in LOAD_FAILED)
 
     def reason(self) -> str:
         """One line: why the container ended, and what to do about it."""
@@ -81,8 +84,18 @@ class Exit:
 
 
 def last_exception(tail: str) -> str | None:
-    """The last line of `tail` that names an exception, e.g. `ModuleNotFoundError: No module named 'x'`."""
-    return next((line.strip() for line in reversed(tail.splitlines()) if EXCEPTION.match(line.strip())), None)
+    """The last exception `tail` names, e.g. `ModuleNotFoundError: No module named 'x'`, also where
+    Prefect wraps it in a ScriptError."""
+    for line in (line.strip() for line in reversed(tail.splitlines())):
+        if found := SCRIPT_ERROR.search(line):
+            try:
+                detail = ast.literal_eval(found[2]) if found[2] else ""
+            except (ValueError, SyntaxError):
+                detail = found[2]
+            return f"{found[1]}: {detail}" if detail else found[1]
+        if EXCEPTION.match(line):
+            return line
+    return None
 
 
 def last_line(tail: str) -> str:

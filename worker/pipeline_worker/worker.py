@@ -17,6 +17,7 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -41,7 +42,7 @@ RUN_LABEL = "io.prefect.flow-run-id"
 POOL_LABEL = "io.prefect.work-pool-name"
 STACK_LABEL = "io.modular-pipeline.stack"  # which stack's worker made it: several stacks share an engine
 SWEEP_S = 3.0  # how often the worker looks over its containers
-STOP_GRACE_S = 5  # SIGTERM, then SIGKILL: a cancelled run's container is gone this long after
+FINAL_GRACE_S = 10  # a container whose run is final this long is stopped by the sweep
 SECRET_ENV = ("PREFECT_API_AUTH_STRING", "PIPELINE_CACHE_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 MAIN, STEP, MAINTENANCE = "main", "step", "maintenance"
 
@@ -259,7 +260,7 @@ class PolicyDockerWorker(DockerWorker):
     # --- cancelling ------------------------------------------------------------------------------
 
     async def _cancel(self, flow_run_id: UUID, because: str | None) -> None:
-        """Stop a run's container and end it Cancelled; a main run's step runs first."""
+        """Stop a run's container and end it Cancelled, and a main run's step runs with it."""
         try:
             run = await self.client.read_flow_run(flow_run_id)
         except ObjectNotFound:
@@ -267,11 +268,12 @@ class PolicyDockerWorker(DockerWorker):
         if run.state is not None and run.state.is_final():
             return
         self._cancelled.add(flow_run_id)
+        await run_sync_in_worker_thread(self._stop, str(flow_run_id))  # first: a main run starts no more steps
         steps = []
         if (await self._role(run)).role == MAIN:
             steps = await self._cancel_children(flow_run_id, f"Cancelled with its pipeline's main run {run.name!r}.")
-        await run_sync_in_worker_thread(self._stop, str(flow_run_id))
-        message = because or "Cancelled: its container was stopped"
+        asked = run.state.message if run.state is not None and run.state.is_cancelling() else None
+        message = because or asked or "Cancelled: its container was stopped"  # e.g. its main run's reaper's
         if steps:
             message += f"; step runs cancelled: {', '.join(steps)}"
         await self._set_cancelled(run, message)
@@ -298,13 +300,14 @@ class PolicyDockerWorker(DockerWorker):
             await self.client.set_flow_run_state(flow_run.id, Cancelled(message=message), force=True)
 
     def _stop(self, flow_run_id: str) -> None:
-        """Stop the containers of this stack that belong to a run (SIGTERM, then SIGKILL)."""
+        """Kill the containers of this stack that belong to a run. Not SIGTERM: Prefect's engine
+        answers it by reporting its run Crashed, over the Cancelled this worker sets."""
         labels = [f"{STACK_LABEL}={self.stack}", f"{RUN_LABEL}={flow_run_id}"]
         client = self._get_client()
         try:
             for container in client.containers.list(filters={"label": labels}):
-                with contextlib.suppress(docker.errors.NotFound):
-                    container.stop(timeout=STOP_GRACE_S)
+                with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):  # gone meanwhile
+                    container.kill()
         finally:
             client.close()
 
@@ -352,7 +355,7 @@ class PolicyDockerWorker(DockerWorker):
             if not running or flow_run_id in self._cancelled:
                 continue
             role = await self._role(run) if run is not None else Role(STEP)
-            action, why = reaping(run, role)
+            action, why = reaping(run, role, datetime.now(UTC))
             if action == STOP:
                 self._logger.warning("Stopping container %s: its run %s is %s", container_id, run_id, why)
                 self._cancelled.add(flow_run_id)  # its exit is no crash
@@ -395,13 +398,15 @@ class PolicyDockerWorker(DockerWorker):
 STOP, CANCEL = "stop", "cancel"
 
 
-def reaping(run: FlowRun | None, role: Role) -> tuple[str | None, str]:
+def reaping(run: FlowRun | None, role: Role, now: datetime) -> tuple[str | None, str]:
     """What the sweep does with a running container of `run` (None: unknown to the server): stop
-    it (its run is over or unknown), cancel its run (a step whose main run ended otherwise than
-    Completed), or nothing; and why."""
+    it (its run is over, for FINAL_GRACE_S already, or unknown), cancel its run (a step whose main
+    run ended otherwise than Completed), or nothing; and why."""
     if run is None:
         return STOP, "unknown to the server"
     if run.state is not None and run.state.is_final():
+        if now - run.state.timestamp < timedelta(seconds=FINAL_GRACE_S):
+            return None, ""  # its engine may still be on its way out, sending its last logs
         return STOP, run.state.name
     if role.role == STEP and ended_otherwise(role.main):
         return CANCEL, f"Cancelled: its pipeline's main run {ended(role.main)}."

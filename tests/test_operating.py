@@ -1,0 +1,83 @@
+"""Operating pipelines on real Docker (README's *Operating pipelines*): a cancel stops every step
+and container, a main run killed mid-step leaves no step running. The reaper's decisions are unit
+tests (worker/test_pipeline_worker.py); a component that cannot be imported is the README test's."""
+
+import pytest
+
+from conftest import iris_rows, to_csv
+from tests.harness import PREFECT, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def fresh_source(serve, name: str, turn: int) -> str:
+    """The iris rows, turned by `turn`: an input no earlier run has cached."""
+    rows = iris_rows()
+    return serve(name, to_csv(rows[turn:] + rows[:turn]))
+
+
+def running(stack, run_id, flow: str) -> list:
+    """The step runs of `flow` that are Running."""
+    return [child for child in stack.children(run_id) if stack.flow_name(child) == flow and child.state.is_running()]
+
+
+def assert_nothing_left(stack, run_ids: list) -> None:
+    """No run unfinished and no container of any of them."""
+    wait_for("every container of the pipeline gone", lambda: not any(stack.containers(r) for r in run_ids), 60)
+    assert [stack.read_run(r).state.type.value for r in run_ids if not stack.read_run(r).state.is_final()] == []
+
+
+def test_a_cancel_stops_every_step_and_its_container(stack, serve):
+    """`prefect flow-run cancel` (what the UI's button and make cancel do) while validate runs in 30
+    partitions, two at a time: the main run ends Cancelled naming the step runs it stopped; none
+    is left running or starts later, and no container is left."""
+    steps = [{"step": "validate/validate", "rows_per_partition": 5}, "subflow/subflow"]
+    source = fresh_source(serve, "cancel.csv", 7)
+    run = stack.start("main-flow/main", source=source, steps=steps, part_rows=5, partitions_at_once=2)
+    wait_for("a validate partition running", lambda: running(stack, run.id, "validate"), 180)
+    stack.sh(PREFECT, "flow-run", "cancel", str(run.id))
+    ended = stack.wait_final(run.id, timeout=120)
+    assert ended.state.is_cancelled(), ended.state
+    children = stack.children(run.id)
+    assert_nothing_left(stack, [run.id, *(c.id for c in children)])
+    states = {c.name: stack.read_run(c.id).state for c in children}
+    stopped = [name for name, state in states.items() if state.is_cancelled()]
+    assert stopped and {s.type.value for s in states.values()} <= {"COMPLETED", "CANCELLED"}, states
+    assert all(f"(run {name!r})" in ended.state.message for name in stopped), ended.state.message
+    assert len(children) < 30 and not stack.exists(stack.layout(run.id).output)
+
+
+def test_a_main_container_killed_mid_step_leaves_no_step_running(stack, serve):
+    """A killed container runs no `finally`: the worker that watched it cancels its step, here one
+    held paused so that only the reaper can end it."""
+    run = stack.start("main-flow/main", source=fresh_source(serve, "killed.csv", 11))
+    step = stack.child(run.id, "validate")
+    (held,) = wait_for("the step's container", lambda: stack.containers(step.id, running=True), 120, every=0.1)
+    stack.sh("docker", "pause", held)
+    try:
+        (main,) = stack.containers(run.id, running=True)
+        stack.sh("docker", "kill", main)
+        reaped = ("CANCELLING", "CANCELLED")
+        wait_for("the reaper to cancel the step", lambda: stack.read_run(step.id).state.type.value in reaped, 60)
+    finally:
+        stack.sh("docker", "unpause", held, check=False)
+    ended = stack.wait_final(run.id)
+    assert ended.state.is_crashed() and "Killed (SIGKILL), not for memory" in ended.state.message, ended.state
+    assert_nothing_left(stack, [run.id, step.id])
+    assert [c.id for c in stack.children(run.id)] == [step.id]
+    cancelled = stack.read_run(step.id).state
+    assert cancelled.is_cancelled() and "its pipeline's main run" in cancelled.message, cancelled
+
+
+def test_a_step_cancelled_alone_stops_its_container_and_fails_its_pipeline_by_name(stack, serve):
+    """Held paused, the step can end only by the cancel."""
+    run = stack.start("main-flow/main", source=fresh_source(serve, "step-cancelled.csv", 13))
+    step = stack.child(run.id, "validate")
+    (held,) = wait_for("the step's container", lambda: stack.containers(step.id, running=True), 120, every=0.1)
+    stack.sh("docker", "pause", held)
+    stack.sh(PREFECT, "flow-run", "cancel", str(step.id))
+    ended = stack.wait_final(run.id)
+    assert ended.state.is_failed(), ended.state
+    assert f"step validate/validate (run {step.name!r}) ended Cancelled" in ended.state.message, ended.state.message
+    assert_nothing_left(stack, [run.id, step.id])
+    assert stack.read_run(step.id).state.is_cancelled()
