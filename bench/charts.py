@@ -54,7 +54,8 @@ def cancel(results: dict[str, Any], path: Path) -> None:
     """Seconds from a cancel, and from a main container killed, to a pipeline stopped: each run."""
     figure, axis = plt.subplots(figsize=(6.5, 3.6))
     figures = results["cancel"]
-    axis.boxplot([samples["samples"] for samples in figures.values()], tick_labels=list(figures), orientation="horizontal")
+    samples = [figure_samples["samples"] for figure_samples in figures.values()]
+    axis.boxplot(samples, tick_labels=list(figures), orientation="horizontal")
     axis.set(xlabel="seconds to every run final and every container gone", title="Stopping a pipeline", xlim=(0, None))
     axis.axvline(15, color="grey", linestyle="--", linewidth=1, label="the 15 s target")
     axis.legend(fontsize=7)
