@@ -87,7 +87,7 @@ class PolicyDockerWorker(DockerWorker):
 
     def _on_cancelling(self, flow_run_id: UUID) -> None:
         if self._runs_task_group is not None:
-            self._runs_task_group.start_soon(self._cancel, flow_run_id, None)
+            self._runs_task_group.start_soon(self._guarded, self._cancel, flow_run_id, None)
 
     # --- a run, from its container's start to its end ----------------------------------------
 
@@ -332,8 +332,16 @@ class PolicyDockerWorker(DockerWorker):
     async def get_and_submit_flow_runs(self) -> list[FlowRun]:
         if time.monotonic() >= self._next_sweep and self._runs_task_group is not None:
             self._next_sweep = time.monotonic() + SWEEP_S
-            self._runs_task_group.start_soon(self._sweep)
+            self._runs_task_group.start_soon(self._guarded, self._sweep)
         return await super().get_and_submit_flow_runs()
+
+    async def _guarded(self, job: Any, *args: Any) -> None:
+        """A background job of the worker: its failure (the server away, say) is logged, and tried
+        again by the next sweep, instead of ending the worker's task group."""
+        try:
+            await job(*args)
+        except Exception:
+            self._logger.warning("%s failed; the next sweep tries again", job.__name__, exc_info=True)
 
     async def _sweep(self) -> None:
         """Look over this stack's containers of this pool: see to the end those no worker waits for
