@@ -2,17 +2,17 @@
 a `Plan` (the full one, or the smoke's: each stage once, at its smallest size)."""
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
+from prefect.client.orchestration import SyncPrefectClient
 
 from bench.measure import CpuMeter, correct, hops, idle_cpu, spread, timestamps, trigger_to_completed
 from bench.stack import Bench
@@ -52,7 +52,8 @@ class Plan:
         """Each stage once, at its smallest size: proves the benchmark works, not its figures."""
         return cls(
             runs=1, warm_up=False, rows=(1_000,), size_runs=1, stores=("file",), format_rows=(1_000,),
-            mapped_rows=(), partitions=(2,), concurrency=(1,), redeploys=1, intervals=(1.0,), idle_s=1, api_calls=5,
+            mapped_rows=(), partitions=(2,), concurrency=(1,), redeploys=1, idle_s=1, api_calls=5,
+            intervals=(float(SETTINGS["PREFECT_WORKER_QUERY_SECONDS"]),),  # .env's: no worker to recreate
         )  # fmt: skip
 
 
@@ -320,25 +321,32 @@ def authority(bench: Bench, plan: Plan) -> dict[str, Any]:
         "write a log": ("POST", "/logs/", log),
     }
     result: dict[str, Any] = {}
-    with httpx.Client(timeout=60) as http:
-        sessions = {way: Session(http, url, auth) for way, (url, auth) in ways.items()}
+    with contextlib.ExitStack() as opened:  # Prefect's own clients: they fetch the CSRF token for writes
+        clients = {way: opened.enter_context(SyncPrefectClient(url, auth_string=a)) for way, (url, a) in ways.items()}
         for call, (method, path, body) in calls.items():
             samples: dict[str, list[float]] = {way: [] for way in ways}
             for _ in range(plan.api_calls):
-                for way, session in sessions.items():  # alternating: the same load on both
-                    samples[way].append(session.timed(method, path, body))
+                for way, client in clients.items():  # alternating: the same load on both
+                    samples[way].append(timed(client, method, path, body))
             result[call] = {way: spread([s * 1000 for s in xs]) for way, xs in samples.items()}
         result["10 at once, calls/s"] = {
-            way: at_once(session, *calls["read its run"], plan.api_calls * 10) for way, session in sessions.items()
+            way: at_once(client, *calls["read its run"], plan.api_calls * 10) for way, client in clients.items()
         }
     return result
 
 
-def at_once(session: "Session", method: str, path: str, body: Any, n: int) -> float:
+def timed(client: SyncPrefectClient, method: str, path: str, body: Any) -> float:
+    """Seconds of one API call, which must succeed."""
+    started = time.monotonic()
+    client.request(method, path, json=body)  # type: ignore[arg-type]  # a concrete path, not a route
+    return time.monotonic() - started
+
+
+def at_once(client: SyncPrefectClient, method: str, path: str, body: Any, n: int) -> float:
     """Calls per second of `n` calls, 10 at a time."""
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
-        list(pool.map(lambda _: session.timed(method, path, body), range(n)))
+        list(pool.map(lambda _: timed(client, method, path, body), range(n)))
     return n / (time.monotonic() - started)
 
 
@@ -347,32 +355,6 @@ def own_credential(bench: Bench, run_id: Any) -> str:
     (container,) = wait_for("the run's container", lambda: bench.stack.containers(run_id, running=True), 120, 0.1)
     env = json.loads(bench.stack.sh("docker", "inspect", "-f", "{{json .Config.Env}}", container).stdout)
     return next(item.split("=", 1)[1] for item in env if item.startswith("PREFECT_API_AUTH_STRING="))
-
-
-@dataclasses.dataclass
-class Session:
-    """API calls with one auth string, CSRF token included as Prefect's clients send it."""
-
-    http: httpx.Client
-    url: str
-    auth: str
-
-    def __post_init__(self) -> None:
-        client = str(uuid.uuid4())
-        self.headers = {"Prefect-Csrf-Client": client}
-        token = self.http.get(f"{self.url}/csrf-token", params={"client": client}, auth=self.basic)
-        if token.status_code == 200:
-            self.headers["Prefect-Csrf-Token"] = token.json()["token"]
-
-    @property
-    def basic(self) -> httpx.BasicAuth:
-        return httpx.BasicAuth(*self.auth.split(":", 1))
-
-    def timed(self, method: str, path: str, body: Any) -> float:
-        started = time.monotonic()
-        answer = self.http.request(method, f"{self.url}{path}", json=body, auth=self.basic, headers=self.headers)
-        answer.raise_for_status()
-        return time.monotonic() - started
 
 
 def cancel(bench: Bench, plan: Plan) -> dict[str, Any]:
@@ -393,25 +375,15 @@ def stop_one(bench: Bench, figure: str, source: str) -> float:
     """Seconds from a cancel (or a kill) of one pipeline run to it stopped."""
     stack, steps = bench.stack, [{"step": "validate/validate", "rows_per_partition": 50}]
     run = stack.start(bench.designs["docker"], source=source, steps=steps, part_rows=50, partitions_at_once=2)
-    wait_for("a validate partition running", lambda: running_child(stack, run.id), LONG)
+    wait_for("a validate partition running", lambda: stack.running_steps(run.id), LONG)
     (container,) = wait_for("the main container", lambda: stack.containers(run.id, running=True), 120)
     started = time.monotonic()
     if figure == CANCELLED:
         stack.sh(PREFECT, "flow-run", "cancel", str(run.id))
     else:
         stack.sh("docker", "kill", container)
-    wait_for(f"run {run.id} stopped", lambda: stopped(stack, run.id), 300, every=0.2)
+    wait_for(f"run {run.id} stopped", lambda: stack.stopped(run.id), 300, every=0.2)
     return time.monotonic() - started
-
-
-def running_child(stack: Any, run_id: Any) -> Any:
-    return next((c for c in stack.children(run_id) if c.state.is_running()), None)
-
-
-def stopped(stack: Any, run_id: Any) -> bool:
-    """Whether a main run and its step runs are final and none of their containers is left."""
-    runs = [stack.read_run(run_id), *stack.children(run_id)]
-    return all(r.state.is_final() for r in runs) and not any(stack.containers(r.id) for r in runs)
 
 
 STAGES: dict[str, Callable[[Bench, Plan], Any]] = {

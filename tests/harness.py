@@ -295,6 +295,16 @@ class Stack:
         with self.api() as client:
             return client.read_flow(run.flow_id).name
 
+    def running_steps(self, run_id: Any, flow: str | None = None) -> list[FlowRun]:
+        """The step runs of a main run (of `flow`, if named) that are Running."""
+        steps = [child for child in self.children(run_id) if child.state and child.state.is_running()]
+        return [child for child in steps if flow is None or self.flow_name(child) == flow]
+
+    def stopped(self, run_id: Any) -> bool:
+        """Whether a main run and its step runs are final and none of their containers is left."""
+        runs = [self.read_run(run_id), *self.children(run_id)]
+        return all(r.state.is_final() for r in runs) and not any(self.containers(r.id) for r in runs)
+
     # --- the data store and the engine ----------------------------------------------------------
 
     def s3(self) -> s3fs.S3FileSystem:

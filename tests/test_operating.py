@@ -16,17 +16,6 @@ def fresh_source(serve, name: str, turn: int) -> str:
     return serve(name, to_csv(rows[turn:] + rows[:turn]))
 
 
-def running(stack, run_id, flow: str) -> list:
-    """The step runs of `flow` that are Running."""
-    return [child for child in stack.children(run_id) if stack.flow_name(child) == flow and child.state.is_running()]
-
-
-def assert_nothing_left(stack, run_ids: list) -> None:
-    """No run unfinished and no container of any of them."""
-    wait_for("every container of the pipeline gone", lambda: not any(stack.containers(r) for r in run_ids), 60)
-    assert [stack.read_run(r).state.type.value for r in run_ids if not stack.read_run(r).state.is_final()] == []
-
-
 def test_a_cancel_stops_every_step_and_its_container(stack, serve):
     """`prefect flow-run cancel` (what the UI's button and make cancel do) while validate runs in 30
     partitions, two at a time: the main run ends Cancelled naming the step runs it stopped; none
@@ -34,12 +23,12 @@ def test_a_cancel_stops_every_step_and_its_container(stack, serve):
     steps = [{"step": "validate/validate", "rows_per_partition": 5}, "subflow/subflow"]
     source = fresh_source(serve, "cancel.csv", 7)
     run = stack.start("main-flow/main", source=source, steps=steps, part_rows=5, partitions_at_once=2)
-    wait_for("a validate partition running", lambda: running(stack, run.id, "validate"), 180)
+    wait_for("a validate partition running", lambda: stack.running_steps(run.id, "validate"), 180)
     stack.sh(PREFECT, "flow-run", "cancel", str(run.id))
     ended = stack.wait_final(run.id, timeout=120)
     assert ended.state.is_cancelled(), ended.state
     children = stack.children(run.id)
-    assert_nothing_left(stack, [run.id, *(c.id for c in children)])
+    wait_for("every run final, no container left", lambda: stack.stopped(run.id), 60)
     states = {c.name: stack.read_run(c.id).state for c in children}
     stopped = [name for name, state in states.items() if state.is_cancelled()]
     assert stopped and {s.type.value for s in states.values()} <= {"COMPLETED", "CANCELLED"}, states
@@ -63,7 +52,7 @@ def test_a_main_container_killed_mid_step_leaves_no_step_running(stack, serve):
         stack.sh("docker", "unpause", held, check=False)
     ended = stack.wait_final(run.id)
     assert ended.state.is_crashed() and "Killed (SIGKILL), not for memory" in ended.state.message, ended.state
-    assert_nothing_left(stack, [run.id, step.id])
+    wait_for("both runs final, no container left", lambda: stack.stopped(run.id), 60)
     assert [c.id for c in stack.children(run.id)] == [step.id]
     cancelled = stack.read_run(step.id).state
     assert cancelled.is_cancelled() and "its pipeline's main run" in cancelled.message, cancelled
@@ -79,5 +68,5 @@ def test_a_step_cancelled_alone_stops_its_container_and_fails_its_pipeline_by_na
     ended = stack.wait_final(run.id)
     assert ended.state.is_failed(), ended.state
     assert f"step validate/validate (run {step.name!r}) ended Cancelled" in ended.state.message, ended.state.message
-    assert_nothing_left(stack, [run.id, step.id])
+    wait_for("both runs final, no container left", lambda: stack.stopped(run.id), 60)
     assert stack.read_run(step.id).state.is_cancelled()

@@ -36,9 +36,11 @@ def image_id(stack, image: str) -> str:
 
 @pytest.fixture
 def restore(stack):
-    """Redeploy the repository's subflow after a test that deployed another version."""
+    """Redeploy the repository's subflow after a test that left another version deployed."""
+    image = stack.deployment("subflow/subflow").job_variables["image"]
     yield
-    stack.deploy("subflow")
+    if stack.deployment("subflow/subflow").job_variables["image"] != image:
+        stack.deploy("subflow")
 
 
 def kit_has(stack, image: str, marker: str) -> bool:
@@ -140,38 +142,17 @@ def test_redeploy_while_a_run_is_in_flight(stack, restore, tmp_path):
     assert result["image"] == v2 and result["report"].startswith("### v2 ")
 
 
-def test_rollback_to_an_earlier_version_without_a_build(stack, restore, tmp_path):
+def test_replay_runs_the_old_images_on_the_old_input_and_rollback_needs_no_build(stack, restore, tmp_path):
+    """One new subflow version serves both: a replay of a run from before it runs the old images on
+    the old input while new runs get the new version; a rollback then returns to the old image,
+    pulled from the registry, never rebuilt."""
     first = stack.deployment("subflow/subflow")
     v1, tag1 = first.job_variables["image"], first.version
-    stack.deploy("subflow", cwd=changed_subflow(tmp_path, "v2"))
-    tag2 = stack.deployment("subflow/subflow").version
     assert v1 == f"{stack.registry}/subflow@{v1.split('@')[1]}" and v1.split("@")[1].startswith("sha256:")
-
-    listing = stack.shell(VERSIONS)
-    marks = {line.split()[-2]: line.startswith("*") for line in listing.splitlines() if len(line.split()) >= 2}
-    assert marks[tag2] and not marks[tag1], listing
-
-    # Remove v1 from this engine: the run below must pull it from the registry, not rebuild.
-    stack.sh("docker", "image", "rm", v1, f"{stack.registry}/subflow:{tag1}")
-    assert f"now runs {v1}" in stack.shell(fill(ROLLBACK, tag=tag1))
-    assert stack.deployment("subflow/subflow").job_variables["image"] == v1
-    assert stack.deployment("subflow/subflow").version == tag1
-
-    run = stack.run("main-flow/main")
-    assert run.state.is_completed(), run.state
-    result = stack.output(run)["results"]["subflow/subflow"]
-    assert result["image"] == v1 and result["report"].startswith("### 150 rows")
-    image_id(stack, v1)  # pulled back by the worker
-
-    missing = stack.sh("bash", "-c", fill(ROLLBACK, tag="0000deadbeef"), check=False)
-    assert missing.returncode != 0
-    assert f"{stack.registry}/subflow:0000deadbeef is not in the registry" in missing.stderr
-
-
-def test_replay_runs_the_old_images_on_the_old_input(stack, restore, tmp_path):
     old = stack.run("main-flow/main")
     old_output = stack.output(old)
     stack.deploy("subflow", cwd=changed_subflow(tmp_path, "v2"))  # a new subflow since then
+    tag2 = stack.deployment("subflow/subflow").version
 
     replayed = stack.shell(fill(REPLAY, main_run_id=str(old.id)))
     new_id = replayed.split(" as ", 1)[1].split()[0]
@@ -188,3 +169,21 @@ def test_replay_runs_the_old_images_on_the_old_input(stack, restore, tmp_path):
     assert not stack.exists(stack.layout(new_id).input)
     latest = stack.run("main-flow/main")  # while a new run gets the new subflow
     assert stack.output(latest)["results"]["subflow/subflow"]["report"].startswith("### v2 ")
+
+    listing = stack.shell(VERSIONS)
+    marks = {line.split()[-2]: line.startswith("*") for line in listing.splitlines() if len(line.split()) >= 2}
+    assert marks[tag2] and not marks[tag1], listing
+    # Remove v1 from this engine: the run below must pull it from the registry, not rebuild.
+    stack.sh("docker", "image", "rm", v1, f"{stack.registry}/subflow:{tag1}")
+    assert f"now runs {v1}" in stack.shell(fill(ROLLBACK, tag=tag1))
+    assert stack.deployment("subflow/subflow").job_variables["image"] == v1
+    assert stack.deployment("subflow/subflow").version == tag1
+    run = stack.run("main-flow/main", refresh=["subflow/subflow"])  # its container, not a cache hit
+    assert run.state.is_completed(), run.state
+    result = stack.output(run)["results"]["subflow/subflow"]
+    assert result["image"] == v1 and result["report"].startswith("### 150 rows")
+    image_id(stack, v1)  # pulled back by the worker
+
+    missing = stack.sh("bash", "-c", fill(ROLLBACK, tag="0000deadbeef"), check=False)
+    assert missing.returncode != 0
+    assert f"{stack.registry}/subflow:0000deadbeef is not in the registry" in missing.stderr

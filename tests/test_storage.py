@@ -141,7 +141,8 @@ def test_s3_mode_gives_the_same_output_as_file_mode(stack, dataset, file_mode, s
         "input/part-00000.parquet", "output.json", "subflow/result.json", "subflow/summary.parquet",
         "validate/result.json",
     ]  # fmt: skip
-    assert stack.s3().find("pipeline/data/results")  # Prefect's results went to the same store
+    # Nothing shared beside the runs, the cache and the inbox: no results/ (a step's result is in its run).
+    assert {path.rsplit("/", 1)[1] for path in stack.s3().ls("pipeline/data")} <= {"runs", "cache", "inbox"}
     assert not stack.exists(f"{SETTINGS['PIPELINE_DATA_URL']}/runs/{run.id}")
 
 

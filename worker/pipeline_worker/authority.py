@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from pipeline_worker.policy import credential
 from pipeline_worker.rules import MAIN, STEP, Run, decide, event_refusal, narrowed, roles
@@ -37,6 +37,7 @@ from pipeline_worker.rules import MAIN, STEP, Run, decide, event_refusal, narrow
 SERVER = os.environ.get("PREFECT_SERVER_URL", "http://prefect-server:4200")
 SECRETS = Path(os.environ.get("PIPELINE_SECRETS", "/secrets"))
 FACTS_S = 30.0  # how long what is known of a run is kept; its pipeline never changes
+UPSTREAM_WAIT_S = 120.0  # how long a stream waits for the server to come back (a restart)
 # Not sent on to the server: this hop's own, and the container's credential.
 HOP = {"host", "authorization", "connection", "content-length", "transfer-encoding", "upgrade", "keep-alive"}
 POLICY_VIOLATION = 1008
@@ -148,6 +149,17 @@ class Server:
         self._runs[run_id] = (time.monotonic() + FACTS_S, run)
         return run
 
+    async def run_waiting(self, run_id: str) -> Run | None:
+        """`run`, waiting up to UPSTREAM_WAIT_S for a server that is away (a restart)."""
+        deadline = time.monotonic() + UPSTREAM_WAIT_S
+        while True:
+            try:
+                return await self.run(run_id)
+            except (httpx.TransportError, httpx.HTTPStatusError) as exc:
+                if time.monotonic() > deadline:
+                    raise ConnectionError(f"the server is away: {exc!r}") from exc
+                await asyncio.sleep(1)
+
     async def pipeline(self, found: dict[str, Any]) -> frozenset[str]:
         """The deployments a main run may start: its `steps`, a resumed run's, or those registered."""
         parameters = found.get("parameters") or {}
@@ -187,15 +199,20 @@ class Authority:
         if path == "/api/health" and method == "GET":  # probes, as the server has them
             return await self.forward(request, b"")
         run_id = run_of(basic(request.headers.get("authorization")), self.key)
-        run = await self.server.run(run_id) if run_id else None
-        if run is None:
-            return JSONResponse({"detail": "a flow run's own credential is required"}, status_code=401)
         raw = await request.body()
         try:
-            body = json.loads(raw) if raw else None
-        except ValueError:
-            return refused(f"{method} {path}: a body that is not JSON")
-        if reason := await decide(method, path, dict(request.query_params), body, run, self.server):
+            run = await self.server.run(run_id) if run_id else None
+            if run is None:
+                return JSONResponse({"detail": "a flow run's own credential is required"}, status_code=401)
+            try:
+                body = json.loads(raw) if raw else None
+            except ValueError:
+                return refused(f"{method} {path}: a body that is not JSON")
+            reason = await decide(method, path, dict(request.query_params), body, run, self.server)
+        except (httpx.TransportError, httpx.HTTPStatusError) as exc:  # the server away (a restart)
+            log.warning("%s %s: the server is away: %r", method, path, exc)
+            return Response(status_code=503)  # Prefect's clients retry these
+        if reason:
             return refused(f"run {run.id}: {reason}", raw)
         return await self.forward(request, raw)
 
@@ -238,7 +255,7 @@ class Authority:
                 await websocket.close(POLICY_VIOLATION, reason=reason[:120])
                 return
             await upstream.send(json.dumps({**message, "filter": event_filter}))
-            relay = asyncio.create_task(self.relay(upstream, websocket))
+            relay = asyncio.create_task(self.relay(upstream.socket, websocket))
             try:
                 while True:  # the client sends nothing more, but its closing ends the relay
                     await websocket.receive_text()
@@ -263,41 +280,77 @@ class Authority:
         await websocket.close(POLICY_VIOLATION, reason="not a stream a flow run uses")
 
 
+class Upstream:
+    """The server's side of one event stream, as admin. The server may restart under a stream: then
+    it connects again, for up to UPSTREAM_WAIT_S, holding the container's events meanwhile, so a run's
+    heartbeats arrive late rather than never (a container's own client drops them: it cannot tell
+    the authority's refusal from the server's absence)."""
+
+    def __init__(self, url: str, auth: str | None):
+        self.url, self.auth = url, auth
+        self.socket: Any = None
+
+    async def connect(self) -> None:
+        deadline = time.monotonic() + UPSTREAM_WAIT_S
+        while True:
+            try:
+                self.socket = await connect(self.url, subprotocols=["prefect"])
+                await self.socket.send(json.dumps({"type": "auth", "token": self.auth}))
+                if json.loads(await self.socket.recv()).get("type") != "auth_success":
+                    raise PermissionError("the server refused the admin credential")
+                return
+            except (OSError, WebSocketException, ValueError) as exc:
+                if time.monotonic() > deadline:
+                    raise ConnectionError(f"the server is away: {exc!r}") from exc
+                log.info("stream %s: the server is away (%r); again in 1 s", self.url, exc)
+                await asyncio.sleep(1)
+
+    async def send(self, text: str) -> None:
+        """Send `text`, connecting again first if the server went away."""
+        for _ in range(2):
+            if self.socket is None:
+                await self.connect()
+            try:
+                await self.socket.send(text)
+                return
+            except ConnectionClosed:
+                self.socket = None
+        raise ConnectionError(f"stream {self.url}: closed twice in a row")
+
+    async def close(self) -> None:
+        if self.socket is not None:
+            await self.socket.close()
+
+
 class Stream:
     """One of Prefect's event streams, authenticated as Prefect's clients do it (the first message),
     with the container's credential here and the admin one upstream."""
 
     def __init__(self, authority: Authority, websocket: WebSocket, path: str):
         self.authority, self.websocket, self.path = authority, websocket, path
-        self.upstream: Any = None
+        self.upstream = Upstream(f"{authority.websocket_url}{path}", authority.server.auth)
 
-    async def __aenter__(self) -> tuple[Run | None, Any]:
+    async def __aenter__(self) -> tuple[Run | None, Upstream]:
         websocket, server = self.websocket, self.authority.server
         await websocket.accept(subprotocol="prefect")
         try:
             message = await websocket.receive_json()
         except (WebSocketDisconnect, ValueError):
-            return None, None
+            return None, self.upstream
         run_id = run_of(message.get("token"), self.authority.key) if message.get("type") == "auth" else None
-        run = await server.run(run_id) if run_id else None
+        run = await server.run_waiting(run_id) if run_id else None
         if run is None:
             await websocket.close(POLICY_VIOLATION, reason="a flow run's own credential is required")
-            return None, None
-        try:
-            self.upstream = await connect(f"{self.authority.websocket_url}{self.path}", subprotocols=["prefect"])
-            await self.upstream.send(json.dumps({"type": "auth", "token": server.auth}))
-            if json.loads(await self.upstream.recv()).get("type") != "auth_success":
-                raise ConnectionError("the server refused the admin credential")
-        except (OSError, ConnectionClosed, ValueError) as exc:
-            log.warning("stream %s for run %s: the server is away: %s", self.path, run.id, exc)
-            await websocket.close(1013, reason="the server is away")  # try again later: clients reconnect
-            return None, None
+            return None, self.upstream
         await websocket.send_json({"type": "auth_success"})
         return run, self.upstream
 
     async def __aexit__(self, *exc_info: Any) -> bool:
-        if self.upstream is not None:
-            await self.upstream.close()
+        await self.upstream.close()
+        if exc_info[0] is ConnectionError:  # the server stayed away: the client connects again later
+            log.warning("stream %s: %s", self.path, exc_info[1])
+            await self.websocket.close(1013, reason="the server is away")
+            return True
         return exc_info[0] in (WebSocketDisconnect, ConnectionClosed)  # a side that went away
 
 
