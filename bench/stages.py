@@ -16,7 +16,7 @@ from prefect.client.orchestration import SyncPrefectClient
 
 from bench.measure import CpuMeter, correct, hops, idle_cpu, spread, timestamps, trigger_to_completed
 from bench.stack import Bench
-from tests.harness import PREFECT, S3_KEYS, SETTINGS, expected_summary, iris_like, project_copy, wait_for
+from tests.harness import PREFECT, RUN_DEADLINE, S3_KEYS, SETTINGS, expected_summary, iris_like, project_copy, wait_for
 
 # Each component: its deployment and its flow module (what a flow-run container imports).
 COMPONENTS = {
@@ -26,7 +26,6 @@ COMPONENTS = {
 }
 FORMS = ("csv", "csv.gz", "parquet")
 S3_STORE = {"AWS_ENDPOINT_URL": "http://s3:9000", **S3_KEYS}
-LONG = 3600  # how long the benchmark waits for a run: its inputs are large
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +45,7 @@ class Plan:
     intervals: tuple[float, ...] = (0.25, 1.0)
     idle_s: float = 30
     api_calls: int = 200  # per call and way; 10 times as many for throughput
+    deadline: float = 3600  # seconds a run may take: the full plan's inputs are large
 
     @classmethod
     def smoke(cls) -> "Plan":
@@ -53,7 +53,8 @@ class Plan:
         return cls(
             runs=1, warm_up=False, rows=(1_000,), size_runs=1, stores=("file",), format_rows=(1_000,),
             mapped_rows=(), partitions=(2,), concurrency=(1,), redeploys=1, idle_s=1, api_calls=5,
-            intervals=(float(SETTINGS["PREFECT_WORKER_QUERY_SECONDS"]),),  # .env's: no worker to recreate
+            intervals=(float(SETTINGS["PREFECT_WORKER_QUERY_SECONDS"]),),  # .env's own: one interval, not two
+            deadline=RUN_DEADLINE,  # a hung run fails the smoke in minutes, naming itself
         )  # fmt: skip
 
 
@@ -155,7 +156,7 @@ def sizes(bench: Bench, plan: Plan) -> dict[str, Any]:
                 expected = expected_summary(iris_like(n, seed=n)) if n <= 1_000_000 else None
                 samples = []
                 for _ in range(plan.size_runs):
-                    run = bench.stack.run(bench.designs["docker"], source=url, timeout=LONG)
+                    run = bench.stack.run(bench.designs["docker"], source=url, timeout=plan.deadline)
                     output = bench.stack.output(run) if run.state.is_completed() else None
                     samples.append(
                         {
@@ -192,7 +193,7 @@ def formats(bench: Bench, plan: Plan) -> dict[str, Any]:
         samples: dict[str, list[dict[str, Any]]] = {form: [] for form in FORMS}
         for _ in range(plan.size_runs):
             for form in FORMS:  # alternating, so drift hits every form alike
-                run = bench.stack.run(bench.designs["docker"], source=bench.serve(n, form), timeout=LONG)
+                run = bench.stack.run(bench.designs["docker"], source=bench.serve(n, form), timeout=plan.deadline)
                 output = bench.stack.output(run) if run.state.is_completed() else None
                 samples[form].append(
                     {
@@ -223,7 +224,7 @@ def mapped(bench: Bench, plan: Plan) -> dict[str, Any]:
     for n in dict.fromkeys([*plan.mapped_rows, 1_000]):
         part_rows = -(-n // max(plan.partitions))  # so that the input has max(partitions) parts
         ingested = bench.stack.run(
-            bench.designs["docker"], source=bench.serve(n), steps=[], part_rows=part_rows, timeout=LONG
+            bench.designs["docker"], source=bench.serve(n), steps=[], part_rows=part_rows, timeout=plan.deadline
         )
         assert ingested.state.is_completed(), ingested.state
         data, summaries = bench.stack.output(ingested)["input"], set()
@@ -232,7 +233,7 @@ def mapped(bench: Bench, plan: Plan) -> dict[str, Any]:
         for _ in range(plan.size_runs):
             for p in plan.partitions:
                 steps = [{"step": "validate/validate", "partitions": p}, "subflow/subflow"]
-                run = bench.stack.run(bench.designs["docker"], data=data, steps=steps, timeout=LONG)
+                run = bench.stack.run(bench.designs["docker"], data=data, steps=steps, timeout=plan.deadline)
                 assert run.state.is_completed() and (expected is None or correct(bench, run, expected)), run.state
                 results = bench.stack.output(run)["results"]
                 step = results["validate/validate"]
@@ -261,7 +262,7 @@ def throughput(bench: Bench, plan: Plan) -> dict[str, Any]:
             since, meter = datetime.now(UTC), CpuMeter(bench, design).start()
             started = time.monotonic()
             runs = [bench.stack.start(deployment).id for _ in range(n)]  # at once, through the API
-            finished = [bench.stack.wait_final(run_id, timeout=LONG) for run_id in runs]
+            finished = [bench.stack.wait_final(run_id, timeout=plan.deadline) for run_id in runs]
             wall = time.monotonic() - started
             outputs = [bench.stack.output(run) for run in finished if run.state.is_completed()]
             result.setdefault(str(n), {})[design] = {
@@ -364,18 +365,18 @@ def cancel(bench: Bench, plan: Plan) -> dict[str, Any]:
     samples: dict[str, list[float]] = {CANCELLED: [], KILLED: []}
     for i in range(plan.runs):
         for n, figure in enumerate(samples):
-            samples[figure].append(stop_one(bench, figure, bench.serve(1_000 + 2 * i + n)))  # never cached
+            samples[figure].append(stop_one(bench, figure, bench.serve(1_000 + 2 * i + n), plan.deadline))  # uncached
     return {figure: {**spread(xs), "samples": xs} for figure, xs in samples.items()}
 
 
 CANCELLED, KILLED = "cancel to every container gone", "main killed to every step stopped"
 
 
-def stop_one(bench: Bench, figure: str, source: str) -> float:
+def stop_one(bench: Bench, figure: str, source: str, deadline: float) -> float:
     """Seconds from a cancel (or a kill) of one pipeline run to it stopped."""
     stack, steps = bench.stack, [{"step": "validate/validate", "rows_per_partition": 50}]
     run = stack.start(bench.designs["docker"], source=source, steps=steps, part_rows=50, partitions_at_once=2)
-    wait_for("a validate partition running", lambda: stack.running_steps(run.id), LONG)
+    wait_for("a validate partition running", lambda: stack.running_steps(run.id), deadline)
     (container,) = wait_for("the main container", lambda: stack.containers(run.id, running=True), 120)
     started = time.monotonic()
     if figure == CANCELLED:
