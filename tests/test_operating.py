@@ -2,6 +2,8 @@
 and container, a main run killed mid-step leaves no step running. The reaper's decisions are unit
 tests (worker/test_pipeline_worker.py); a component that cannot be imported is the README test's."""
 
+import json
+
 import pytest
 
 from conftest import iris_rows, to_csv
@@ -34,6 +36,10 @@ def test_a_cancel_stops_every_step_and_its_container(stack, serve):
     assert stopped and {s.type.value for s in states.values()} <= {"COMPLETED", "CANCELLED"}, states
     assert all(f"(run {name!r})" in ended.state.message for name in stopped), ended.state.message
     assert len(children) < 30 and not stack.exists(stack.layout(run.id).output)
+    # The cache records a step only once it completed: of this run, only the ingest.
+    cache = f"{stack.data_url()}/cache".removeprefix("file://")
+    entries = stack.on_data_volume("grep", "-rlF", f'"run": "{run.id}"', cache, check=False).stdout.split()
+    assert [json.loads(stack.read_object(f"file://{e}"))["step"] for e in entries] == ["ingest"], entries
 
 
 def test_a_main_container_killed_mid_step_leaves_no_step_running(stack, serve):
