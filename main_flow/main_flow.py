@@ -16,8 +16,9 @@ from pydantic import Field
 # Package imports: Prefect loads this file as module `main_flow` with this directory on its path.
 from main_flow import cache
 from main_flow.bounds import BOUNDS
-from main_flow.ingest import Settings, identity, ingest
+from main_flow.ingest import ingest
 from main_flow.progress import Progress
+from main_flow.sources import Settings, identity
 from main_flow.steps import Limits, registered_steps, run_steps, step_groups, step_options, uncached
 from stepkit import (
     DataRef,

@@ -22,16 +22,16 @@ from prefect.states import Crashed, Failed
 
 from conftest import IRIS
 from main_flow import ingest as component
-from main_flow import steps
+from main_flow import sources, steps
 from stepkit import WIRE, DataRef, dataset_of, parts_of, verify
 
 
-def settings(**values) -> component.Settings:
+def settings(**values) -> sources.Settings:
     """The main flow's settings for a test: the shipped data directory unless told otherwise."""
-    return component.Settings(**{"source_dir": IRIS.parent, **values})
+    return sources.Settings(**{"source_dir": IRIS.parent, **values})
 
 
-def ingest(source: str, store: Path, config: component.Settings | None = None, **limits) -> DataRef:
+def ingest(source: str, store: Path, config: sources.Settings | None = None, **limits) -> DataRef:
     limits = {**LIMITS, **limits}
     return component.ingest.fn(source, f"file://{store}/input", config or settings(), **limits)
 
@@ -94,7 +94,7 @@ def http_server(tmp_path: Path):
     server.shutdown()
 
 
-def loopback(server: str) -> component.Settings:
+def loopback(server: str) -> sources.Settings:
     """Settings that allow the test server on loopback, as an operator allows a private host."""
     return settings(source_allow=[server])
 
@@ -189,7 +189,7 @@ def test_messages_never_show_credentials_or_signed_queries(http_server, tmp_path
 
 def test_the_download_connects_to_the_address_it_checked(http_server, tmp_path):
     """`localhost` is allowed by name here: the check resolves it once and the request goes there."""
-    assert component.check_url("http://localhost/x.csv", ["http://localhost/"]) in ("127.0.0.1", "::1")
+    assert sources.check_url("http://localhost/x.csv", ["http://localhost/"]) in ("127.0.0.1", "::1")
     port = http_server.rsplit(":", 1)[1]
     ref = ingest(f"http://localhost:{port}/iris.csv", tmp_path, loopback(f"http://localhost:{port}"))
     assert ref["rows"] == 150
@@ -250,7 +250,7 @@ def test_unreachable_sources_are_transient(tmp_path):
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
     closed.close()
-    with pytest.raises(component.SourceUnavailable, match=f"cannot fetch source 'http://127.0.0.1:{port}/x.csv'"):
+    with pytest.raises(sources.SourceUnavailable, match=f"cannot fetch source 'http://127.0.0.1:{port}/x.csv'"):
         ingest(f"http://127.0.0.1:{port}/x.csv", tmp_path, loopback(f"http://127.0.0.1:{port}"))
 
 
@@ -393,16 +393,16 @@ def test_a_failed_upload_leaves_no_object(s3_env, data_dir):
 
 def test_the_source_identity_is_cheap_and_follows_the_bytes(http_server, data_dir, tmp_path):
     url = f"{http_server}/iris.csv"
-    first = component.identity.fn(url, loopback(http_server), 10)
+    first = sources.identity.fn(url, loopback(http_server), 10)
     assert first["url"] == url and first["bytes"] == IRIS.stat().st_size and "last-modified" in first
     (tmp_path / "iris.csv").write_bytes(IRIS.read_bytes() + b"5.0,3.0,1.0,0.2,setosa\n")
-    assert component.identity.fn(url, loopback(http_server), 10) != first
+    assert sources.identity.fn(url, loopback(http_server), 10) != first
     (data_dir / "a.csv").write_text("a\n1\n")
     config = settings(source_dir=data_dir)
     digest = hashlib.sha256(b"a\n1\n").hexdigest()
-    assert component.identity.fn("a.csv", config, 10) == {"file": "a.csv", "sha256": digest}
+    assert sources.identity.fn("a.csv", config, 10) == {"file": "a.csv", "sha256": digest}
     with pytest.raises(ValueError, match="non-public address"):
-        component.identity.fn(url, settings(), 10)  # the source's checks come first
+        sources.identity.fn(url, settings(), 10)  # the source's checks come first
 
 
 def test_a_mapped_step_gets_contiguous_partitions_of_about_equal_rows():
@@ -529,9 +529,9 @@ def test_source_allow_admits_its_prefixes_not_their_neighbours(s3_env, inbox, tm
         ingest("s3://sources/raw/missing.csv", tmp_path / "no", config)
     with pytest.raises(ValueError, match=r"over max_bytes=100"):
         ingest("s3://sources/raw/iris.csv.gz", tmp_path / "no", config, max_bytes=100)
-    first = component.identity.fn("s3://sources/raw/iris.csv.gz", config, 10)
+    first = sources.identity.fn("s3://sources/raw/iris.csv.gz", config, 10)
     assert first["ETag"] and first["bytes"] == s3_env.size("sources/raw/iris.csv.gz")
     s3_env.pipe("sources/raw/iris.csv.gz", gzip.compress(IRIS.read_bytes() + b"5.0,3.0,1.0,0.2,setosa\n"))
-    assert component.identity.fn("s3://sources/raw/iris.csv.gz", config, 10) != first
+    assert sources.identity.fn("s3://sources/raw/iris.csv.gz", config, 10) != first
     with pytest.raises(ValueError, match="is not a URL prefix such as s3://bucket/raw/"):
         settings(source_allow="our-bucket/raw")
