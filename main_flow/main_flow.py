@@ -17,9 +17,10 @@ from pydantic import Field
 from main_flow import cache
 from main_flow.bounds import BOUNDS
 from main_flow.ingest import ingest
+from main_flow.plan import registered_steps, step_groups, step_options, uncached
 from main_flow.progress import Progress
 from main_flow.sources import Settings, identity
-from main_flow.steps import Limits, registered_steps, run_steps, step_groups, step_options, uncached
+from main_flow.steps import Limits, run_steps
 from stepkit import (
     DataRef,
     RunLayout,

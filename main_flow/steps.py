@@ -1,4 +1,4 @@
-"""Step orchestration: each step a child flow run of its deployment, started with
+"""Running the plan (plan.py): each step a child flow run of its deployment, started with
 run_deployment() on a reference, waited for on the server's event stream, its result checked;
 a mapped step one child run per partition of its input, their outputs gathered as one dataset;
 or, when a cache key is unchanged, an earlier run's result reused (main_flow/cache.py)."""
@@ -24,18 +24,15 @@ from prefect.logging import get_logger
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Cancelling
 from prefect.utilities.asyncutils import run_coro_as_sync
-from prefect.variables import Variable
 
 from main_flow import cache
+from main_flow.plan import PipelineError, partitions
 from main_flow.progress import Progress
 from stepkit import (
-    PIPELINE_STEPS,
     STEP_RESULT,
     DataRef,
     RunLayout,
-    Step,
     StepOptions,
-    Steps,
     WireMismatch,
     check_wire,
     dataset_of,
@@ -49,74 +46,6 @@ FINAL = {state.value for state in TERMINAL_STATES}  # as events label them
 RETRIES = 2  # of a step that Crashed, unless its options say otherwise
 
 
-class PipelineError(RuntimeError):
-    """A step did not deliver a usable result."""
-
-
-def registered_steps() -> Steps:
-    """The pipeline's steps as the last `prefect deploy` registered them (tools/pipeline.py)."""
-    steps = Variable.get(PIPELINE_STEPS)
-    if steps is None:
-        raise PipelineError(
-            f"no pipeline registered (Variable {PIPELINE_STEPS!r} is missing): run `prefect deploy --all`, "
-            "or pass `steps`"
-        )
-    get_run_logger().info("steps, as last deployed: %s", steps)
-    return steps
-
-
-def step_groups(steps: Steps) -> list[list[str]]:
-    """The steps' names as groups that run one after another; refuse a step listed twice."""
-    groups = [[name_of(s) for s in step] if isinstance(step, list) else [name_of(step)] for step in steps]
-    names = [name for group in groups for name in group]
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated or any(not group for group in groups):
-        raise ValueError(f"invalid steps {steps}: each step once, no empty groups (repeated: {repeated})")
-    return groups
-
-
-def step_options(steps: Steps) -> dict[str, StepOptions]:
-    """Each step's options by name (`{}` for a bare name); refuse a step mapped two ways."""
-    flat = [s for step in steps for s in (step if isinstance(step, list) else [step])]
-    options = {name_of(s): s if isinstance(s, dict) else StepOptions(step=s) for s in flat}
-    if both := sorted(n for n, o in options.items() if "partitions" in o and "rows_per_partition" in o):
-        raise ValueError(f"steps {both}: give partitions or rows_per_partition, not both")
-    return options
-
-
-def name_of(step: Step) -> str:
-    return step["step"] if isinstance(step, dict) else step
-
-
-def uncached(options: dict[str, StepOptions]) -> frozenset[str]:
-    """The steps declared with `cache: false`."""
-    return frozenset(name for name, o in options.items() if o.get("cache") is False)
-
-
-def partitions(data: DataRef, option: StepOptions) -> list[DataRef] | None:
-    """`data`'s parts in contiguous groups of about equal rows, one per partition of a mapped
-    step; None if the step is not mapped. A part is never split: at most one partition per part."""
-    if "partitions" in option:
-        wanted = option["partitions"]
-    elif "rows_per_partition" in option:
-        wanted = -(-data["rows"] // option["rows_per_partition"])
-    else:
-        return None
-    parts = parts_of(data)
-    count = max(1, min(wanted, len(parts)))
-    if count < wanted:
-        log.warning(
-            "step %s: %d partitions asked, but the input has %d part(s); lower part_rows for more",
-            option["step"], wanted, len(parts),
-        )  # fmt: skip
-    groups: list[list[DataRef]] = [[] for _ in range(count)]
-    start, total = 0, max(data["rows"], 1)
-    for part in parts:
-        groups[min(count - 1, start * count // total)].append(part)
-        start += part["rows"]
-    return [dataset_of(group) for group in groups if group]
-
-
 @dataclass(frozen=True)
 class Limits:
     """How long a group of steps may take, and how many partitions of a mapped step run at once."""
@@ -126,7 +55,7 @@ class Limits:
 
 
 @dataclass(frozen=True, eq=False)  # each task is its own: hashed by identity
-class Task:
+class ChildRun:
     """One child run to make: a step, or one partition of a mapped step, on its input."""
 
     step: str
@@ -153,14 +82,14 @@ def run_group(
     """Run the steps of a group at once on `data` (a mapped step as one run per partition),
     reusing cached results; results by deployment name."""
     began = time.monotonic()
-    tasks: list[Task] = []
+    tasks: list[ChildRun] = []
     for name in group:
         option = options.get(name, StepOptions(step=name))
         mapped, retries = partitions(data, option), option.get("retries", RETRIES)
         if mapped is None:
-            tasks.append(Task(name, data, layout.step(name), retries=retries))
+            tasks.append(ChildRun(name, data, layout.step(name), retries=retries))
         else:
-            tasks += [Task(name, d, layout.step(name, i), i, len(mapped), retries) for i, d in enumerate(mapped)]
+            tasks += [ChildRun(name, d, layout.step(name, i), i, len(mapped), retries) for i, d in enumerate(mapped)]
     deployments = {name: deployment(name) for name in group}
     keys = {task: step_key(task.step, deployments[task.step], task.data, images.get(task.step)) for task in tasks}
     hits = {task: entry for task in tasks if (entry := policy.lookup(task.step, keys[task]))}
@@ -176,7 +105,7 @@ def run_group(
     return {name: gathered(name, [t for t in tasks if t.step == name], results, began) for name in group}
 
 
-def gathered(name: str, tasks: list[Task], results: dict[Task, dict[str, Any]], began: float) -> dict[str, Any]:
+def gathered(name: str, tasks: list[ChildRun], results: dict[ChildRun, dict[str, Any]], began: float) -> dict[str, Any]:
     """A step's result: its own, or a mapped step's partitions' outputs as one dataset of their parts."""
     if tasks[0].partition is None:
         return results[tasks[0]]
@@ -205,8 +134,8 @@ def gathered(name: str, tasks: list[Task], results: dict[Task, dict[str, Any]], 
 
 
 def run_tasks(
-    tasks: list[Task], images: dict[str, str], limits: Limits, record: Callable[[Task, dict[str, Any]], None]
-) -> dict[Task, dict[str, Any]]:
+    tasks: list[ChildRun], images: dict[str, str], limits: Limits, record: Callable[[ChildRun, dict[str, Any]], None]
+) -> dict[ChildRun, dict[str, Any]]:
     """Start the tasks' child runs, at most `limits.at_once` partitions of a step at a time, and
     wait for all; `record` each completed result at once. A run that Crashed starts again, up to
     its task's `retries`. After a failure no more partitions are started; those running finish
@@ -215,7 +144,7 @@ def run_tasks(
     queue, running, results, failed = list(tasks), {}, {}, []
     attempts = dict.fromkeys(tasks, 0)
 
-    def ready() -> Task | None:
+    def ready() -> ChildRun | None:
         """The first queued task whose step has fewer than `at_once` runs going."""
         busy = [t.step for t in running.values()]
         return next((t for t in queue if busy.count(t.step) < limits.at_once), None)
@@ -270,7 +199,7 @@ def step_key(name: str, step: DeploymentResponse, data: DataRef, image: str | No
     return cache.key(name, image or step.job_variables.get("image", ""), step.parameters, [data["sha256"]])
 
 
-def start_step(task: Task, attempt: int, image: str | None) -> FlowRun:
+def start_step(task: ChildRun, attempt: int, image: str | None) -> FlowRun:
     """Create the child run of one step's `attempt`; `image` pins its image (a replay)."""
     return run_deployment(
         task.step,
@@ -350,7 +279,7 @@ def cancel(client: Any, run: FlowRun, reason: str) -> None:
     client.set_flow_run_state(run.id, state, force=True)
 
 
-def step_result(task: Task, run: FlowRun) -> dict[str, Any]:
+def step_result(task: ChildRun, run: FlowRun) -> dict[str, Any]:
     """A finished step's result: what it stored in its own output directory, checked against the
     contract; its image is the one its worker ran (the run's `image:` tag), whatever it says."""
     uri = result_uri(task.out)

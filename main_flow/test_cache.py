@@ -8,7 +8,7 @@ import pytest
 from pydantic import TypeAdapter, ValidationError
 
 from main_flow import cache
-from main_flow.steps import step_groups, step_options, uncached
+from main_flow.plan import step_groups, step_options, uncached
 from stepkit import Steps, signature, write_parquet
 
 IMAGE = "127.0.0.1:5000/subflow@sha256:" + "a" * 64

@@ -22,7 +22,7 @@ from prefect.states import Crashed, Failed
 
 from conftest import IRIS
 from main_flow import ingest as component
-from main_flow import sources, steps
+from main_flow import plan, sources, steps
 from stepkit import WIRE, DataRef, dataset_of, parts_of, verify
 
 
@@ -287,11 +287,11 @@ def test_an_unreachable_store_fails_the_ingest_after_two_retries_naming_it(prefe
 
 
 def test_steps_are_checked_before_anything_runs():
-    assert steps.step_groups(["a/a", ["b/b", "c/c"]]) == [["a/a"], ["b/b", "c/c"]]
+    assert plan.step_groups(["a/a", ["b/b", "c/c"]]) == [["a/a"], ["b/b", "c/c"]]
     with pytest.raises(ValueError, match=r"each step once.*repeated: \['a/a'\]"):
-        steps.step_groups(["a/a", ["b/b", "a/a"]])
+        plan.step_groups(["a/a", ["b/b", "a/a"]])
     with pytest.raises(ValueError, match="no empty groups"):
-        steps.step_groups([[]])
+        plan.step_groups([[]])
 
 
 @pytest.mark.parametrize(
@@ -321,7 +321,7 @@ def test_a_crashed_step_starts_again_up_to_its_retries_a_failed_one_never(prefec
 
     @flow
     def main() -> None:
-        task = steps.Task(name, {"uri": "file:///nowhere", "rows": 1}, "out")
+        task = steps.ChildRun(name, {"uri": "file:///nowhere", "rows": 1}, "out")
         steps.run_tasks([task], {}, steps.Limits(timeout_s=60, at_once=1), lambda *_: None)
 
     threading.Thread(target=worker, daemon=True).start()
@@ -413,13 +413,13 @@ def test_a_mapped_step_gets_contiguous_partitions_of_about_equal_rows():
         for i in range(10)
     ]
     data = dataset_of(parts)
-    four = steps.partitions(data, {"step": "v/v", "partitions": 4})
+    four = plan.partitions(data, {"step": "v/v", "partitions": 4})
     assert [p["rows"] for p in four] == [30, 20, 30, 20]
     assert [part for p in four for part in parts_of(p)] == parts  # in order, each part once
-    assert [p["rows"] for p in steps.partitions(data, {"step": "v/v", "rows_per_partition": 50})] == [50, 50]
-    assert len(steps.partitions(data, {"step": "v/v", "partitions": 20})) == 10  # a part is never split
-    assert steps.partitions(parts[0], {"step": "v/v", "partitions": 4}) == [parts[0]]
-    assert steps.partitions(data, {"step": "v/v"}) is None  # not mapped
+    assert [p["rows"] for p in plan.partitions(data, {"step": "v/v", "rows_per_partition": 50})] == [50, 50]
+    assert len(plan.partitions(data, {"step": "v/v", "partitions": 20})) == 10  # a part is never split
+    assert plan.partitions(parts[0], {"step": "v/v", "partitions": 4}) == [parts[0]]
+    assert plan.partitions(data, {"step": "v/v"}) is None  # not mapped
 
 
 # --- Sources as users have them: formats by content, schemes by the allow-list ----------------------

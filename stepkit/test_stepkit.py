@@ -213,7 +213,7 @@ def test_the_main_flow_refuses_a_result_from_a_step_built_with_an_older_kit(coun
         file.write(json.dumps(result).encode())
     run = FlowRun(name="old-subflow", flow_id=counted["sha256"][:32], state=Completed())
     with pytest.raises(steps.PipelineError) as failure:
-        steps.step_result(steps.Task("subflow/subflow", counted, out), run)
+        steps.step_result(steps.ChildRun("subflow/subflow", counted, out), run)
     message = str(failure.value)
     assert message.startswith("step subflow/subflow (run 'old-subflow'): reference counted://")
     assert f"has wire format 0, but the main flow (stepkit {stepkit.__version__}) reads wire format {WIRE}" in message
@@ -222,7 +222,7 @@ def test_the_main_flow_refuses_a_result_from_a_step_built_with_an_older_kit(coun
 def test_the_main_flow_takes_a_steps_result_from_its_own_directory_and_its_image_from_its_worker(counted, tmp_path):
     out = f"counted://{tmp_path}/runs/r1/subflow"
     run = FlowRun(name="a-step", flow_id=counted["sha256"][:32], state=Completed(), tags=["image:reg/subflow@sha256:1"])
-    task = steps.Task("subflow/subflow", counted, out)
+    task = steps.ChildRun("subflow/subflow", counted, out)
     with pytest.raises(steps.PipelineError, match=r"completed but stored no result at .*/subflow/result.json"):
         steps.step_result(task, run)
     result = {"output": counted, "summary": [], "report": "", "image": "a lie"}  # its input, passed on
