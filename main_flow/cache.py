@@ -53,8 +53,8 @@ def checked(refresh: Refresh, steps: set[str]) -> Refresh:
     return refresh
 
 
-def entry_uri(key: str, store: str | None = None) -> str:
-    return f"{cache_root(store)}/{key}.json"
+def entry_uri(key: str) -> str:
+    return f"{cache_root()}/{key}.json"
 
 
 def references(result: dict[str, Any]) -> list[DataRef]:

@@ -59,16 +59,16 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}"
 
 
-def runs_root(store: str | None = None) -> str:
-    return f"{(store or store_url()).rstrip('/')}/{RUNS}"
+def runs_root() -> str:
+    return f"{store_url().rstrip('/')}/{RUNS}"
 
 
-def cache_root(store: str | None = None) -> str:
-    return f"{(store or store_url()).rstrip('/')}/{CACHE}"
+def cache_root() -> str:
+    return f"{store_url().rstrip('/')}/{CACHE}"
 
 
-def inbox_root(store: str | None = None) -> str:
-    return f"{(store or store_url()).rstrip('/')}/{INBOX}"
+def inbox_root() -> str:
+    return f"{store_url().rstrip('/')}/{INBOX}"
 
 
 class RefusedReference(ValueError):

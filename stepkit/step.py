@@ -79,12 +79,6 @@ class Dataset:
         """The columns and their types (every part has the same)."""
         return self._parquet(0).schema_arrow
 
-    def parquet(self) -> "pq.ParquetFile":
-        """The one Parquet object of a one-part dataset; a step that may get parts reads batches()."""
-        if len(self._readers) > 1:
-            raise ValueError(f"{self.ref['uri']} has {len(self._readers)} parts: read it with batches()")
-        return self._parquet(0)
-
     def batches(self, max_bytes: int = BATCH_BYTES) -> Iterator["pa.RecordBatch"]:
         """The rows in order, part after part, in record batches of about `max_bytes` each."""
         schema = self.schema

@@ -85,26 +85,26 @@ def add_step(text: str, step: str) -> str:
     return "".join([*lines[:end], f"{indent}- {step}\n", *lines[end:]])
 
 
-def scaffold(name: str, root: Path = ROOT) -> None:
+def scaffold(name: str) -> None:
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         sys.exit(f"error: {name!r} is not a component name: lowercase letters, digits and _, a letter first")
-    config = yaml.safe_load((root / "prefect.yaml").read_text())
-    if (root / name).exists() or name in [d["name"] for d in config["deployments"]]:
-        sys.exit(f"error: {name!r} is taken: {root / name} or a deployment of that name exists")
-    text = add_step((root / "prefect.yaml").read_text(), f"{name}/{name}") + DEPLOYMENT.format(name=name)
+    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    if (ROOT / name).exists() or name in [d["name"] for d in config["deployments"]]:
+        sys.exit(f"error: {name!r} is taken: {ROOT / name} or a deployment of that name exists")
+    text = add_step((ROOT / "prefect.yaml").read_text(), f"{name}/{name}") + DEPLOYMENT.format(name=name)
     steps = yaml.safe_load(text)["definitions"]["steps"]
     assert steps[-1] == f"{name}/{name}", steps  # where every deploy registers the pipeline from
-    directory = root / name
+    directory = ROOT / name
     directory.mkdir()
     try:
         (directory / f"{name}.py").write_text(FLOW.format(name=name))
         (directory / f"test_{name}.py").write_text(TEST.format(name=name))
         (directory / "requirements.txt").write_text(REQUIREMENTS.format(name=name))
-        subprocess.run([sys.executable, str(root / "tools" / "lock.py"), "--only", name], check=True)
+        subprocess.run([sys.executable, str(ROOT / "tools" / "lock.py"), "--only", name], check=True)
     except BaseException:
         shutil.rmtree(directory)  # all or nothing: prefect.yaml is written only after this
         raise
-    (root / "prefect.yaml").write_text(text)
+    (ROOT / "prefect.yaml").write_text(text)
     print(f"created {name}/ and its deployment; the pipeline's steps end with {name}/{name}.")
     print(
         f"Next: edit {name}/{name}.py, then: docker compose run --rm cli prefect deploy --name {name}\n"

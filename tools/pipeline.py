@@ -40,8 +40,8 @@ def register_steps(steps: list) -> Registered:
     return Registered(steps=checked)
 
 
-def declared(root: Path = ROOT) -> Steps:
-    return yaml.safe_load((root / "prefect.yaml").read_text())["definitions"]["steps"]
+def declared() -> Steps:
+    return yaml.safe_load((ROOT / "prefect.yaml").read_text())["definitions"]["steps"]
 
 
 def check() -> None:
