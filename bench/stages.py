@@ -130,17 +130,18 @@ def cached(bench: Bench, plan: Plan) -> dict[str, Any]:
 def polling(bench: Bench, plan: Plan) -> dict[str, Any]:
     """The worker query interval's price: the stack's idle CPU at .env's interval, then the docker
     design's latency and the idle CPU at each other interval. The workers go back to .env's after."""
-    workers = ("worker-flow", "worker-subflow")
-    result = {SETTINGS["PREFECT_WORKER_QUERY_SECONDS"]: {"idle": idle_cpu(bench, plan.idle_s)}}
+    workers, env = ("worker-flow", "worker-subflow"), SETTINGS["PREFECT_WORKER_QUERY_SECONDS"]
+    result = {env: {"idle": idle_cpu(bench, plan.idle_s)}}
     try:
-        for interval in plan.intervals:
-            bench.stack.overrides["PREFECT_WORKER_QUERY_SECONDS"] = str(interval)
-            bench.stack.compose("up", "-d", "--wait", *workers, timeout=600)  # recreated with the new interval
+        for interval in map(str, plan.intervals):
+            if interval != bench.stack.overrides.get("PREFECT_WORKER_QUERY_SECONDS", env):  # else as they run
+                bench.stack.overrides["PREFECT_WORKER_QUERY_SECONDS"] = interval
+                bench.stack.compose("up", "-d", "--wait", *workers, timeout=600)  # recreated with the new interval
             seconds = [trigger_to_completed(bench, bench.stack.run(bench.designs["docker"])) for _ in range(plan.runs)]
-            result[str(interval)] = {"docker": spread(seconds), "idle": idle_cpu(bench, plan.idle_s)}
+            result[interval] = {"docker": spread(seconds), "idle": idle_cpu(bench, plan.idle_s)}
     finally:
-        bench.stack.overrides.pop("PREFECT_WORKER_QUERY_SECONDS", None)
-        bench.stack.compose("up", "-d", "--wait", *workers, timeout=600)
+        if bench.stack.overrides.pop("PREFECT_WORKER_QUERY_SECONDS", env) != env:
+            bench.stack.compose("up", "-d", "--wait", *workers, timeout=600)
     return result
 
 

@@ -15,7 +15,7 @@ class PipelineError(RuntimeError):
 
 
 def registered_steps() -> Steps:
-    """The pipeline's steps as the last `prefect deploy` registered them (tools/pipeline.py)."""
+    """The pipeline's steps as the last `prefect deploy` registered them (tools/deploy/steps.py)."""
     steps = Variable.get(PIPELINE_STEPS)
     if steps is None:
         raise PipelineError(

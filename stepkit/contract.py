@@ -30,7 +30,7 @@ class StepOptions(TypedDict):
 
 Step = StepName | StepOptions
 Steps = list[Step | list[Step]]
-# The Prefect Variable that holds the pipeline's steps as last deployed (tools/pipeline.py).
+# The Prefect Variable that holds the pipeline's steps as last deployed (tools/deploy/steps.py).
 PIPELINE_STEPS = "pipeline-steps"
 
 

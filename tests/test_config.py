@@ -15,7 +15,7 @@ from packaging.specifiers import SpecifierSet
 
 from tests.harness import ROOT, SETTINGS
 
-sys.path.insert(0, str(ROOT / "tools"))
+sys.path[:0] = [str(ROOT / "tools"), str(ROOT / "tools" / "deploy")]
 import image_tag  # noqa: E402
 import lock  # noqa: E402
 
@@ -86,7 +86,7 @@ def test_a_component_block_holds_only_what_is_its_own():
     for deployment in config["deployments"]:
         assert set(deployment) <= own, deployment["name"]
         tag, build = deployment["build"]
-        assert set(tag["tools/image_tag.py:image_tag"]) == {"id", "directory"}, deployment["name"]
+        assert set(tag["tools/deploy/image_tag.py:image_tag"]) == {"id", "directory"}, deployment["name"]
         assert build["prefect_docker.deployments.steps.build_docker_image"] == config["definitions"]["build_image"]
         assert deployment["work_pool"] in config["definitions"]["pools"], deployment["name"]
         assert deployment["work_pool"]["job_variables"] == {"image": "{{ pinned.image }}"}

@@ -229,11 +229,13 @@ def test_csrf_and_cors_protect_the_browser_path(stack):
 
 def test_the_registry_refuses_anonymous_pulls_and_pushes(stack, tmp_path):
     assert httpx.get(f"http://127.0.0.1:{stack.registry_port}/v2/_catalog").status_code == 401
-    deployment = stack.deployment("subflow/subflow")
-    image = f"{deployment.job_variables['image'].split('@')[0]}:{deployment.version}"  # push needs a tag
-    # An empty client configuration: no stored login, whatever the host has.
-    push = stack.sh("docker", "--config", str(tmp_path), "push", image, check=False)
-    assert push.returncode != 0 and "no basic auth credentials" in push.stdout + push.stderr
+    image = f"{stack.registry}/anonymous:push"  # any local image, tagged for the registry: push needs one
+    stack.sh("docker", "tag", SETTINGS["PREFECT_IMAGE"], image)
+    try:  # an empty client configuration: no stored login, whatever the host has
+        push = stack.sh("docker", "--config", str(tmp_path), "push", image, check=False)
+    finally:
+        stack.sh("docker", "image", "rm", image)
+    assert push.returncode != 0 and "no basic auth credentials" in push.stdout + push.stderr, push
 
 
 def test_a_registry_that_refuses_credentials_crashes_the_run_with_the_cause(stack):

@@ -68,7 +68,7 @@ DEPLOYMENT = """
     name: {name}
     entrypoint: {name}/{name}.py:{name}
     build:
-      - tools/image_tag.py:image_tag: {{id: component, directory: {name}}}
+      - tools/deploy/image_tag.py:image_tag: {{id: component, directory: {name}}}
       - prefect_docker.deployments.steps.build_docker_image: *build_image
     work_pool: *subflow_pool
 """

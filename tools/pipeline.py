@@ -1,43 +1,25 @@
-"""The pipeline's steps: declared once in prefect.yaml (`definitions.steps`), registered with the
-server by every `prefect deploy`, read by each main-flow run that passes no `steps` of its own.
+"""`make run`: warn when prefect.yaml's steps are not the ones the server has (a deploy
+registers them: tools/deploy/steps.py), upload a file of yours to the inbox, run the pipeline and
+show it live until it ends.
 
-    push:
-      - tools/pipeline.py:register_steps: {steps: *steps}    # prefect.yaml: runs on every deploy
-    python tools/pipeline.py run [SOURCE]                    # make run: warn if they differ, then run
-
-So `prefect deploy --name enrich` after `make component NAME=enrich` is enough for the next run
-to include enrich, and an edit of `steps` alone reaches the next run with `prefect deploy --name
-main` (main's image is unchanged, so nothing is built).
+    python tools/pipeline.py run [SOURCE]
 """
 
 import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import NoReturn, TypedDict
+from typing import NoReturn
 from uuid import UUID
 
 import yaml
+from inbox import upload  # tools/ is on the path: this is run as a script
 from prefect.variables import Variable
-from pydantic import TypeAdapter, ValidationError
+from status import follow
 
 from stepkit import PIPELINE_STEPS, Steps
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class Registered(TypedDict):
-    steps: Steps
-
-
-def register_steps(steps: list) -> Registered:
-    """A `prefect deploy` push step: save the pipeline's steps as the Variable the main flow reads."""
-    try:
-        checked = TypeAdapter(Steps).validate_python(steps)
-    except ValidationError as exc:
-        raise ValueError(f"prefect.yaml's steps {steps} are not a pipeline: each is `flow/deployment` ({exc})") from exc
-    Variable.set(PIPELINE_STEPS, checked, overwrite=True, _sync=True)
-    return Registered(steps=checked)
 
 
 def declared() -> Steps:
@@ -58,9 +40,6 @@ def check() -> None:
 def run(source: str | None) -> NoReturn:
     """`make run`: warn if the steps differ, upload `source` if it is a file, run the pipeline and
     show it live until it ends (tools/status.py)."""
-    from inbox import upload  # tools/, on the path when run as a script (not in prefect deploy's import)
-    from status import follow
-
     check()
     command = ["prefect", "deployment", "run", "main-flow/main"]
     if source:

@@ -32,8 +32,8 @@ def image_name(component: str) -> str:
     config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     for deployment in config["deployments"]:
         if deployment["name"] == component:
-            step = next(s for s in deployment["build"] if "tools/image_tag.py:image_tag" in s)
-            return f"{os.environ['REGISTRY']}/{step['tools/image_tag.py:image_tag']['directory']}"
+            step = next(s for s in deployment["build"] if "tools/deploy/image_tag.py:image_tag" in s)
+            return f"{os.environ['REGISTRY']}/{step['tools/deploy/image_tag.py:image_tag']['directory']}"
     names = [d["name"] for d in config["deployments"]]
     sys.exit(f"error: no component {component!r} in prefect.yaml (components: {names})")
 

@@ -1,7 +1,7 @@
 """Apply the work pools, the registry's block and the automations; the compose `setup` service runs
 it on `up`.
 
-    python tools/setup.py pools/docker.json "$FLOW_POOL:$FLOW_POOL_LIMIT" ... --blocks
+    python tools/services/setup.py pools/docker.json "$FLOW_POOL:$FLOW_POOL_LIMIT" ... --blocks
 
 Each pool (of this platform's worker type, worker/pipeline_worker/) gets the base job template,
 with ${VAR} filled in from the environment (entries that come out empty are dropped, e.g. the

@@ -1,6 +1,6 @@
 """Generate the stack's secrets on its first start; the compose `secrets` service runs it.
 
-    python tools/credentials.py /secrets /secrets-root/<compose project> /pgdata
+    python tools/services/credentials.py /secrets /secrets-root/<compose project> /pgdata
 
 The secrets live in the stack's `secrets` volume, beside the database they unlock, so a second
 clone of the repository (or one whose ./.secrets was deleted) starts the same stack. Each `up`

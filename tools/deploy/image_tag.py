@@ -2,9 +2,9 @@
 digest the registry gave the pushed image (push), which the deployment then runs.
 
     build:
-      - tools/image_tag.py:image_tag: {id: component, directory: subflow}
+      - tools/deploy/image_tag.py:image_tag: {id: component, directory: subflow}
     push:
-      - tools/image_tag.py:image_digest: {id: pinned, image: "{{ build-image.image }}"}
+      - tools/deploy/image_tag.py:image_digest: {id: pinned, image: "{{ build-image.image }}"}
 
 The tag is a hash of what the image is made of: the component's files and the step kit's
 (stepkit/) that the build context really holds (docker-py's own reading of .dockerignore), the
@@ -23,7 +23,7 @@ from typing import TypedDict
 import docker
 from docker.utils.build import exclude_paths
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "component.Dockerfile"
 KIT = "stepkit"  # copied into every component image by the recipe
 BUILD_ARGS = ("PREFECT_IMAGE", "FLOW_UID")  # what prefect.yaml passes the recipe from .env
