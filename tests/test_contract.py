@@ -6,7 +6,6 @@ prefect.yaml lists, so a new component is checked without a test of its own.
 """
 
 import importlib.util
-import shutil
 import sys
 import typing
 from pathlib import Path
@@ -24,7 +23,7 @@ from prefect.utilities.callables import parameter_schema
 import stepkit
 from conftest import ROOT, CountingFileSystem
 from stepkit import WIRE, Dataset, Out, Output, RunLayout, step, verify, write_parquet
-from tests.harness import iris_like
+from tests.harness import iris_like, project_copy
 
 SAMPLE = {
     "wire": WIRE,
@@ -133,9 +132,7 @@ def subflow(records: dict, out: str) -> Result:
 
 def test_drift_is_caught(tmp_path: Path):
     """A step written without the kit that renames `data` and returns no `report` does not fit."""
-    for name in ("prefect.yaml", "main_flow", "validate", "subflow"):
-        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
-        copy(ROOT / name, tmp_path / name)
+    project_copy(tmp_path)  # every step the pipeline lists, a user's own included
     (tmp_path / "subflow" / "subflow.py").write_text(HAND_WRITTEN)
     contract, steps = pipeline(tmp_path)
     problems = violations(contract, *steps["subflow/subflow"])

@@ -2,6 +2,7 @@
 contract, and a unit test that passes. No Docker; the e2e suite deploys and runs one."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import yaml
 from prefect.settings import PREFECT_API_URL
 
-from tests.harness import ROOT
+from tests.harness import ROOT, project_copy
 
 sys.path.insert(0, str(ROOT / "tools"))
 import component  # noqa: E402
@@ -68,3 +69,25 @@ def test_the_scaffold_adds_the_step_to_the_end_of_the_pipeline():
     after = yaml.safe_load(component.add_step(text, "probe_added/probe_added"))
     assert after["definitions"]["steps"] == [*before["definitions"]["steps"], "probe_added/probe_added"]
     assert after["deployments"] == before["deployments"]
+
+
+def test_the_readmes_first_edit_keeps_the_unit_suite_green(tmp_path):
+    """`make component NAME=enrich` (README *Adding a component*) in a copy of the repository, then
+    there the unit tests that read prefect.yaml, and enrich's own: all pass."""
+    project = project_copy(tmp_path)
+    shutil.copytree(ROOT / "tests", project / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("conftest.py", "pyproject.toml"):
+        shutil.copy(ROOT / name, project / name)
+    made = subprocess.run([sys.executable, "tools/component.py", "enrich"], cwd=project, capture_output=True, text=True)
+    assert made.returncode == 0 and "steps end with enrich/enrich" in made.stdout, made.stdout + made.stderr
+    this = f"tests/test_scaffold.py::{test_the_readmes_first_edit_keeps_the_unit_suite_green.__name__}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", "not e2e", "--deselect", this,
+         "tests/test_contract.py", "tests/test_scaffold.py", "enrich"],
+        cwd=project, env={**os.environ, "PYTHONPATH": str(project)}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    ran = proc.stdout
+    assert proc.returncode == 0, ran[-3000:] + proc.stderr[-3000:]
+    assert "test_every_step_fits_the_contract[enrich/enrich] PASSED" in ran and "enrich/test_enrich.py::" in ran, ran[
+        -3000:
+    ]
