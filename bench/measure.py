@@ -80,8 +80,9 @@ def container_cpu(bench: Bench) -> dict[str, float]:
     """Cumulative CPU-seconds of each long-lived container of the stack, from its cgroup."""
     client = docker.from_env()
     label = f"com.docker.compose.project={bench.stack.project}"
+    services = {s for listed in SERVICES.values() for s in listed}  # not one-shot ones, which may be gone by now
     containers = client.containers.list(filters={"label": label})
-    return {c.labels["com.docker.compose.service"]: cgroup_cpu(c) for c in containers}
+    return {s: cgroup_cpu(c) for c in containers if (s := c.labels["com.docker.compose.service"]) in services}
 
 
 def cgroup_cpu(container: Any) -> float:

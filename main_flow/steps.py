@@ -91,7 +91,8 @@ def run_group(
         else:
             tasks += [ChildRun(name, d, layout.step(name, i), i, len(mapped), retries) for i, d in enumerate(mapped)]
     deployments = {name: deployment(name) for name in group}
-    keys = {task: step_key(task.step, deployments[task.step], task.data, images.get(task.step)) for task in tasks}
+    keyed = {name: images.get(name) or deployments[name].job_variables.get("image", "") for name in group}
+    keys = {task: step_key(task.step, deployments[task.step], task.data, keyed[task.step]) for task in tasks}
     hits = {task: entry for task in tasks if (entry := policy.lookup(task.step, keys[task]))}
     for task, entry in hits.items():
         get_run_logger().info("step %s: cached from run %s, not started", task, entry["run"])
@@ -101,7 +102,16 @@ def run_group(
     progress.publish()
     results = {task: {**entry["result"], "cached_from": entry["run"]} for task, entry in hits.items()}
     started = [task for task in tasks if task not in hits]
-    results |= run_tasks(started, images, limits, lambda task, result: policy.record(task.step, keys[task], result))
+
+    def record(task: ChildRun, result: dict[str, Any]) -> None:
+        # A deploy between the run's creation and its container's start changes the image it runs:
+        # its result is then not the key's, and caching it would serve it for the older image.
+        if result.get("image") == keyed[task.step]:
+            policy.record(task.step, keys[task], result)
+        else:
+            get_run_logger().warning("step %s ran %s, not %s: not cached", task, result.get("image"), keyed[task.step])
+
+    results |= run_tasks(started, images, limits, record)
     return {name: gathered(name, [t for t in tasks if t.step == name], results, began) for name in group}
 
 
@@ -193,10 +203,10 @@ def deployment(name: str) -> DeploymentResponse:
             ) from exc
 
 
-def step_key(name: str, step: DeploymentResponse, data: DataRef, image: str | None) -> str | None:
-    """The cache key of step `name` on `data`: its image digest (`image` pins one: a replay) and
-    its deployment's parameters."""
-    return cache.key(name, image or step.job_variables.get("image", ""), step.parameters, [data["sha256"]])
+def step_key(name: str, step: DeploymentResponse, data: DataRef, image: str) -> str | None:
+    """The cache key of step `name` on `data`: the image it runs (its deployment's, or one a replay
+    pins) and its deployment's parameters."""
+    return cache.key(name, image, step.parameters, [data["sha256"]])
 
 
 def start_step(task: ChildRun, attempt: int, image: str | None) -> FlowRun:

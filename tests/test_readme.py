@@ -24,16 +24,29 @@ def test_a_file_of_yours_runs_as_the_readme_says_uploaded_once(stack, tmp_path):
     assert output["results"]["subflow/subflow"]["summary"] == expected_summary(table)
 
 
-def test_adding_a_component_as_the_readme_says(stack, tmp_path):
-    """Adding a component: the scaffold, one deploy, one run; then Reading the output."""
+def test_adding_a_component_and_editing_steps_as_the_readme_says(stack, tmp_path):
+    """Adding a component: the scaffold, one deploy, one run; then Reading the output. Until the
+    deploy, `make run` warns that prefect.yaml's steps are not the registered pipeline and runs
+    the registered one; afterwards the README's `prefect deploy --name main` registers the
+    repository's steps again, building nothing."""
     project = project_copy(tmp_path)
     (adding,) = readme_blocks("## Adding a component")
     assert adding[0] == "make component NAME=enrich" and len(adding) == 3, adding
+    (register,) = [b for b in readme_blocks("## Steps: the pipeline in `prefect.yaml`") if b]
     try:
-        printed = [stack.shell(command, cwd=project) for command in adding]
-        assert "the pipeline's steps end with enrich/enrich" in printed[0]
-        assert "prefect deploy --name enrich" in printed[0]  # the scaffold's "Next:" is the README's
-        run = stack.read_run(run_id(printed[2]))
+        scaffolded = stack.shell(adding[0], cwd=project)
+        assert "the pipeline's steps end with enrich/enrich" in scaffolded
+        assert "prefect deploy --name enrich" in scaffolded  # the scaffold's "Next:" is the README's
+        warned = stack.sh("make", "run", cwd=project, VENV=str(stack.venv))
+        edited = "['validate/validate', 'subflow/subflow', 'enrich/enrich']"
+        assert f"warning: prefect.yaml's steps {edited} are not the registered pipeline" in warned.stderr
+        assert "prefect deploy --name main" in warned.stderr
+        assert list(stack.output(stack.read_run(run_id(warned.stdout)))["results"]) == [
+            "validate/validate", "subflow/subflow"
+        ]  # fmt: skip
+
+        printed = [stack.shell(command, cwd=project) for command in adding[1:]]
+        run = stack.read_run(run_id(printed[1]))
         assert run.state.is_completed(), run.state
         (reading,) = [b for b in readme_blocks("## Data by reference") if b[0].startswith("make output")]
         printed = stack.shell(fill(reading[0], main_run_id=str(run.id)), cwd=project)
@@ -59,28 +72,9 @@ def test_adding_a_component_as_the_readme_says(stack, tmp_path):
         assert attempt.state.is_failed() and missing in attempt.state.message, attempt.state
         assert not stack.containers(attempt.id)
     finally:
-        with stack.api() as client:  # the repository's pipeline again
+        with stack.api() as client:  # the repository's pipeline again, as the README registers it
             client.delete_deployment(stack.deployment("enrich/enrich").id)
-        stack.deploy("main")
-
-
-def test_editing_steps_reaches_the_next_run_with_one_deploy_and_make_run_warns_until_then(stack, tmp_path):
-    project = project_copy(tmp_path)
-    config = project / "prefect.yaml"
-    config.write_text(
-        config.read_text().replace("    - validate/validate\n    - subflow/subflow\n", "    - subflow/subflow\n")
-    )
-    warned = stack.sh("make", "run", cwd=project, VENV=str(stack.venv))
-    assert "warning: prefect.yaml's steps ['subflow/subflow'] are not the registered pipeline" in warned.stderr
-    assert "prefect deploy --name main" in warned.stderr
-    assert list(stack.output(stack.read_run(run_id(warned.stdout)))["results"]) == [
-        "validate/validate", "subflow/subflow"
-    ]  # fmt: skip
-    (register,) = [b for b in readme_blocks("## Steps: the pipeline in `prefect.yaml`") if b]
-    try:
-        stack.shell(register[0], cwd=project)
-        done = stack.sh("make", "run", cwd=project, VENV=str(stack.venv))
-        assert "are not the registered pipeline" not in done.stderr
-        assert list(stack.output(stack.read_run(run_id(done.stdout)))["results"]) == ["subflow/subflow"]
-    finally:
-        stack.deploy("main")
+        deployed = stack.shell(register[0])
+    assert "Running in " not in deployed and "Pushed\n" not in deployed  # built and pushed nothing
+    with stack.api() as client:
+        assert client.read_variable_by_name("pipeline-steps").value == ["validate/validate", "subflow/subflow"]
