@@ -76,7 +76,8 @@ def test_a_subflow_version_fixed_alone_in_flight_resumed_replayed_and_rolled_bac
     before = {name: stack.deployment(name) for name in ("main-flow/main", "validate/validate", "subflow/subflow")}
     project = changed_subflow(tmp_path / "fixed", "v2")
     kit = project / "stepkit" / "contract.py"
-    kit.write_text(kit.read_text() + "# kit change v2\n")
+    change = f"# kit change v2 {time.time_ns()}"  # a new image each time: no cache entry from an earlier try
+    kit.write_text(f"{kit.read_text()}{change}\n")
     stack.compose("stop", "worker-subflow")
     try:
         # Its ingest from the cache, so that the failed run's stays the one `make resume` reuses.
@@ -113,8 +114,8 @@ def test_a_subflow_version_fixed_alone_in_flight_resumed_replayed_and_rolled_bac
     assert output["results"]["subflow/subflow"]["report"].startswith("### v2 150 rows")
     assert output["results"]["subflow/subflow"]["image"] == v2
     assert output["main_image"] == before["main-flow/main"].job_variables["image"]
-    assert kit_has(stack, v2, "# kit change v2")
-    assert not kit_has(stack, output["main_image"], "# kit change v2")
+    assert kit_has(stack, v2, change)
+    assert not kit_has(stack, output["main_image"], change)
 
     # 4. Replay of the first run: its images, its stored input.
     replayed = stack.shell(fill(REPLAY, main_run_id=str(old.id)))
@@ -136,7 +137,12 @@ def test_a_subflow_version_fixed_alone_in_flight_resumed_replayed_and_rolled_bac
     marks = {line.split()[-2]: line.startswith("*") for line in listing.splitlines() if len(line.split()) >= 2}
     assert marks[tag2] and not marks[tag1], listing
     # Remove v1 from this engine: the run after the rollback must pull it from the registry, not rebuild.
-    stack.sh("docker", "image", "rm", v1, f"{stack.registry}/subflow:{tag1}")
+    # Every name of it in the test registry (its tag may be gone already); the user's stack may share the image.
+    names = "{{range .RepoTags}}{{.}} {{end}}{{range .RepoDigests}}{{.}} {{end}}"
+    refs = stack.sh("docker", "image", "inspect", "-f", names, v1).stdout.split()
+    for ref in [ref for ref in refs if ref.startswith(f"{stack.registry}/")]:  # the last one deletes the rest
+        stack.sh("docker", "image", "rm", ref, check=False)
+    assert stack.sh("docker", "image", "inspect", v1, check=False).returncode != 0
     running = stack.start("main-flow/main", steps=["subflow/subflow"])
     child = stack.child(running.id, "subflow")
     container = wait_for("the step's container", lambda: stack.containers(child.id, running=True), 120, every=0.1)
