@@ -9,10 +9,8 @@ and bench/README.md's tables generated from them.
 """
 
 import argparse
-import concurrent.futures
 import dataclasses
 import json
-import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,42 +18,28 @@ from typing import Any
 
 from bench import charts, report
 from bench.stack import Bench
-from bench.stages import ALONE, STAGES, Plan
+from bench.stages import STAGES, Plan
 
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
 
 
 def run(bench: Bench, plan: Plan, stages: list[str], out: Path, chart_dir: Path) -> dict[str, Any]:
-    """Run `stages` on `bench`, one after another (or, in a side-by-side plan, those that leave the
-    stack as it is at once, then the others); write every sample to `out` as each stage ends (what
-    is done survives a failure), then the charts into `chart_dir`."""
+    """Run `stages` on `bench`, one after another; write every sample to `out` as each stage ends
+    (what is done survives a failure), then the charts into `chart_dir`."""
     results: dict[str, Any] = {
         "when": datetime.now(UTC).isoformat(),
         "plan": "smoke" if plan == Plan.smoke() else "full" if plan == Plan() else "custom",
         "args": {**dataclasses.asdict(plan), "stages": stages, "designs": bench.designs},
         "seconds": {},
     }
-
-    def stage(name: str) -> None:
+    for name in stages:
         print(f"[bench] {name} ...", flush=True)
         started = time.monotonic()
-        figures = STAGES[name](bench, plan)
-        seconds = round(time.monotonic() - started, 1)
-        print(f"[bench] {name}: {seconds:.0f} s", flush=True)
-        with writing:
-            results[name], results["seconds"][name] = figures, seconds
-            out.write_text(json.dumps(results, indent=2, default=str))
-
-    writing = threading.Lock()
-    together = [name for name in stages if plan.side_by_side and name not in ALONE]
-    with concurrent.futures.ThreadPoolExecutor(max(len(together), 1)) as pool:
-        for done in [pool.submit(stage, name) for name in together]:
-            done.result()  # a stage's failure, raised here
-    for name in stages:
-        if name not in together:
-            stage(name)
-    results["seconds"] = {name: results["seconds"][name] for name in stages}
+        results[name] = STAGES[name](bench, plan)
+        results["seconds"][name] = round(time.monotonic() - started, 1)
+        print(f"[bench] {name}: {results['seconds'][name]:.0f} s", flush=True)
+        out.write_text(json.dumps(results, indent=2, default=str))
     results["charts"] = [path.name for path in charts.draw(results, chart_dir)]
     out.write_text(json.dumps(results, indent=2, default=str))
     return results

@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-import threading
 from pathlib import Path
 
 import pyarrow.csv as pacsv
@@ -31,7 +30,6 @@ POOLS = {
 }
 PROCESS_WORKERS = ("process-main_flow", "process-validate", "process-subflow")
 DATA_URL = "http://testdata:8000"  # the stack's test data server (tests/compose.yml), as flows see it
-SERVING = threading.Lock()  # stages side by side (the smoke) may serve the same file at once
 
 
 @dataclasses.dataclass
@@ -112,13 +110,12 @@ class Bench:
         """`rows` random Iris-like rows (seed `rows`) on the test data server as `form` (csv, csv.gz
         or parquet, each with the CSV's own column types); their URL as the flows see it."""
         plain, path = self.data / f"rows{rows}.csv", self.data / f"rows{rows}.{form}"
-        with SERVING:
-            if not plain.exists():
-                write_csv(iris_like(rows, seed=rows), plain)
-            if not path.exists():
-                if form == "csv.gz":
-                    path.write_bytes(gzip.compress(plain.read_bytes()))
-                else:
-                    pq.write_table(pacsv.read_csv(plain), path)
-                path.chmod(0o644)
+        if not plain.exists():
+            write_csv(iris_like(rows, seed=rows), plain)
+        if not path.exists():
+            if form == "csv.gz":
+                path.write_bytes(gzip.compress(plain.read_bytes()))
+            else:
+                pq.write_table(pacsv.read_csv(plain), path)
+            path.chmod(0o644)
         return f"{DATA_URL}/{path.name}"

@@ -46,7 +46,6 @@ class Plan:
     idle_s: float = 30
     api_calls: int = 200  # per call and way; 10 times as many for throughput
     deadline: float = 3600  # seconds a run may take: the full plan's inputs are large
-    side_by_side: bool = False  # the stages that leave the stack as it is run at once (their figures then mean little)
 
     @classmethod
     def smoke(cls) -> "Plan":
@@ -56,7 +55,6 @@ class Plan:
             mapped_rows=(), partitions=(2,), concurrency=(1,), redeploys=1, idle_s=1, api_calls=5,
             intervals=(float(SETTINGS["PREFECT_WORKER_QUERY_SECONDS"]),),  # .env's own: one interval, not two
             deadline=RUN_DEADLINE,  # a hung run fails the smoke in minutes, naming itself
-            side_by_side=True,  # on a loaded 2-core machine, its ~16 runs one by one take 6 minutes
         )  # fmt: skip
 
 
@@ -403,5 +401,3 @@ STAGES: dict[str, Callable[[Bench, Plan], Any]] = {
     "authority": authority,
     "cancel": cancel,
 }
-# Stages that change the stack (workers recreated, a deployment replaced): never beside another.
-ALONE = ("polling", "redeploy")
