@@ -43,11 +43,11 @@ def restart_server(stack) -> None:
     wait_for("the server to answer again, from its database", stack.ready, 120)
 
 
-def test_ten_pipelines_at_once_through_two_server_restarts(stack, serve):
-    """The soak: ten pipelines in flight while the server restarts twice; none mixes, loses or
-    repeats a step."""
+def test_five_pipelines_at_once_through_two_server_restarts(stack, serve):
+    """Pipelines in flight while the server restarts twice; none mixes, loses or repeats a step.
+    (Many more at once, without restarts: the benchmark's throughput stage.)"""
     rows = iris_rows()
-    sources = {i: serve(f"part{i}.csv", to_csv(rows[i::10])) for i in range(10)}
+    sources = {i: serve(f"part{i}.csv", to_csv(rows[i::5])) for i in range(5)}
     runs = {i: stack.start("main-flow/main", source=url) for i, url in sources.items()}  # at once
     ids = [run.id for run in runs.values()]
     for _ in range(2):
@@ -56,7 +56,7 @@ def test_ten_pipelines_at_once_through_two_server_restarts(stack, serve):
     finished = {i: stack.wait_final(run.id, timeout=420) for i, run in runs.items()}  # all at once: minutes
     for i, run in finished.items():
         assert stack.output(run)["source"] == sources[i]
-        assert_completed_once(stack, run, rows[i::10])
+        assert_completed_once(stack, run, rows[i::5])
 
 
 def steps_running(stack, ids: list) -> list:

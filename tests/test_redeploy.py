@@ -50,6 +50,25 @@ def kit_has(stack, image: str, marker: str) -> bool:
     return stack.sh("docker", "run", "--rm", "--entrypoint", "python", image, "-c", probe).stdout.strip() == "True"
 
 
+def test_an_unchanged_deploy_builds_and_pushes_nothing(stack, capsys):
+    """Before the story below, which removes the built images from the engine (and so their build cache)."""
+    names = ("main-flow/main", "validate/validate", "subflow/subflow")
+    images = {name: stack.deployment(name).job_variables["image"] for name in names}
+    ids = {name: image_id(stack, image) for name, image in images.items()}
+    started = time.monotonic()
+    output = stack.shell(DEPLOY_ALL)
+    seconds = time.monotonic() - started
+    with capsys.disabled():
+        print(f"\n[measure] prefect deploy --all with no change: {seconds:.1f}s")
+    for name, image in images.items():
+        assert stack.deployment(name).job_variables["image"] == image
+        assert image_id(stack, image) == ids[name]
+    # Every build step came from Docker's cache (a step that ran says "Running in <container>"),
+    # and every layer was already in the registry.
+    assert output.count("Using cache") >= 3 * len(names) and "Running in " not in output
+    assert "Layer already exists" in output and "Pushed\n" not in output
+
+
 def test_a_subflow_version_fixed_alone_in_flight_resumed_replayed_and_rolled_back(stack, restore, tmp_path, capsys):
     """One new subflow version serves every path of the README's section, with its commands as written:
     1. v1 (the repository's) runs a pipeline; then a bug deployed alone fails a second.
@@ -166,21 +185,3 @@ def test_a_subflow_version_fixed_alone_in_flight_resumed_replayed_and_rolled_bac
     missing = stack.sh("bash", "-c", fill(ROLLBACK, tag="0000deadbeef"), check=False)
     assert missing.returncode != 0
     assert f"{stack.registry}/subflow:0000deadbeef is not in the registry" in missing.stderr
-
-
-def test_an_unchanged_deploy_builds_and_pushes_nothing(stack, capsys):
-    names = ("main-flow/main", "validate/validate", "subflow/subflow")
-    images = {name: stack.deployment(name).job_variables["image"] for name in names}
-    ids = {name: image_id(stack, image) for name, image in images.items()}
-    started = time.monotonic()
-    output = stack.shell(DEPLOY_ALL)
-    seconds = time.monotonic() - started
-    with capsys.disabled():
-        print(f"\n[measure] prefect deploy --all with no change: {seconds:.1f}s")
-    for name, image in images.items():
-        assert stack.deployment(name).job_variables["image"] == image
-        assert image_id(stack, image) == ids[name]
-    # Every build step came from Docker's cache (a step that ran says "Running in <container>"),
-    # and every layer was already in the registry.
-    assert output.count("Using cache") >= 3 * len(names) and "Running in " not in output
-    assert "Layer already exists" in output and "Pushed\n" not in output
