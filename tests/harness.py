@@ -30,6 +30,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.exceptions import PrefectHTTPStatusError
 
 from stepkit import RunLayout
+from tools.versions import registry_tags
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS: dict[str, str] = {k: v or "" for k, v in dotenv_values(ROOT / ".env").items()}
@@ -381,9 +382,7 @@ class Stack:
         """Tags of a repository in this stack's registry, with its credentials."""
         password = self.secret("registry-password")
         user = self.secret("registry-htpasswd").split(":", 1)[0]
-        url = f"http://127.0.0.1:{self.registry_port}/v2/{repository}/tags/list"
-        response = httpx.get(url, auth=(user, password), timeout=10)
-        return [] if response.status_code == 404 else sorted(response.raise_for_status().json()["tags"] or [])
+        return sorted(registry_tags(repository, f"http://127.0.0.1:{self.registry_port}", (user, password)))
 
     def snapshot(self) -> dict[str, Any]:
         """What the user would miss if a test touched it: deployments, runs, volumes, images, data."""

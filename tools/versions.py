@@ -38,11 +38,15 @@ def image_name(component: str) -> str:
     sys.exit(f"error: no component {component!r} in prefect.yaml (components: {names})")
 
 
-def registry_tags(repository: str) -> dict[str, tuple[str, str]]:
-    """Tag -> (creation time, digest) of each image of `repository` in the registry, newest first."""
-    credentials = DockerRegistryCredentials.load("pipeline-registry")
-    auth = (credentials.username, credentials.password.get_secret_value())
-    with httpx.Client(base_url=f"{REGISTRY_URL}/v2/{repository}", auth=auth, timeout=10) as registry:
+def registry_tags(
+    repository: str, url: str = REGISTRY_URL, auth: tuple[str, str] | None = None
+) -> dict[str, tuple[str, str]]:
+    """Tag -> (creation time, digest) of each image of `repository` in the registry at `url`,
+    newest first; logged in as `auth`, or as the stack's registry block says."""
+    if auth is None:
+        credentials = DockerRegistryCredentials.load("pipeline-registry")
+        auth = (credentials.username, credentials.password.get_secret_value())
+    with httpx.Client(base_url=f"{url}/v2/{repository}", auth=auth, timeout=10) as registry:
         response = registry.get("/tags/list")
         if response.status_code == 404:
             return {}

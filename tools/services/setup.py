@@ -17,24 +17,21 @@ from pathlib import Path
 from typing import Any
 
 from pipeline_worker import PolicyDockerWorker, render
+from pipeline_worker.policy import registry_login
 from prefect import get_client
 from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
 from prefect.events.schemas.automations import AutomationCore
 from prefect.exceptions import ObjectAlreadyExists
-from prefect_docker.credentials import DockerRegistryCredentials
 
 REGISTRY_BLOCK = "pipeline-registry"
-SECRETS = Path("/secrets")
 
 
 def save_blocks() -> None:
     """The registry's credentials, for `prefect deploy`'s push (an admin's call: no flow run reads it)."""
-    user = (SECRETS / "registry-htpasswd").read_text().split(":", 1)[0]
-    DockerRegistryCredentials(
-        username=user,
-        password=(SECRETS / "registry-password").read_text().strip(),
-        registry_url=os.environ["REGISTRY"],
-    ).save(REGISTRY_BLOCK, overwrite=True)
+    credentials = registry_login(os.environ["REGISTRY"])
+    if credentials is None:
+        raise SystemExit("error: /secrets/registry-password is missing: the secrets job did not run")
+    credentials.save(REGISTRY_BLOCK, overwrite=True)
     print(f"block: {REGISTRY_BLOCK} for {os.environ['REGISTRY']}")
 
 

@@ -38,6 +38,18 @@ class PolicyViolation(Exception):
     """A container configuration the repository's policy refuses."""
 
 
+def registry_login(registry: str) -> DockerRegistryCredentials | None:
+    """The registry's user (the htpasswd entry's name) and password, from the stack's secrets; None
+    where they are not mounted (a pool without a registry login)."""
+    if not (SECRETS / "registry-password").is_file():
+        return None
+    return DockerRegistryCredentials(
+        username=(SECRETS / "registry-htpasswd").read_text().split(":", 1)[0],
+        password=(SECRETS / "registry-password").read_text().strip(),
+        registry_url=registry,
+    )
+
+
 def render(template: Any, env: dict[str, str] | None = None) -> Any:
     """Fill ${VAR} from the environment; drop list items and mapping entries that are empty."""
     env = os.environ if env is None else env
@@ -102,13 +114,7 @@ class Policy:
 
     def registry_credentials(self) -> DockerRegistryCredentials | None:
         """The registry's user and password from the stack's secrets, read for each run."""
-        if not (SECRETS / "registry-password").is_file():
-            return None
-        return DockerRegistryCredentials(
-            username=(SECRETS / "registry-htpasswd").read_text().split(":", 1)[0],
-            password=(SECRETS / "registry-password").read_text().strip(),
-            registry_url=self.registry,
-        )
+        return registry_login(self.registry)
 
     def check(self, settings: dict[str, Any], networks: list[str], volumes: list[str]) -> None:
         """Refuse container settings outside the policy, naming every violation; `networks` are
