@@ -70,7 +70,8 @@ def history(stack) -> dict[str, int]:
             "deployments": len(client.read_deployments()),
             "variables": len(client.read_variables()),
             "artifacts": len(client.read_artifacts()),
-            "flow_runs": len(client.read_flow_runs()),
+            # Not the scheduler's: it may schedule the retention deployment's next runs at any time.
+            "flow_runs": len([r for r in client.read_flow_runs() if not r.auto_scheduled]),
         }
 
 
@@ -86,8 +87,10 @@ def polled_since(stack, since: datetime) -> dict[str, bool]:
 
 def test_a_stack_down_and_up_keeps_its_state(stack):
     """Postgres keeps everything on its volume; `up --wait` returns once the workers poll again."""
-    assert stack.run("main-flow/main").state.is_completed()
     before = history(stack)
+    if not all(before.values()):  # run alone: the earlier tests left no run, variable or artifact
+        assert stack.run("main-flow/main").state.is_completed()
+        before = history(stack)
     assert all(before.values()), before
     stack.compose("down")
     restarted = datetime.now(UTC)

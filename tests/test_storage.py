@@ -295,18 +295,17 @@ def on_remote_pool(directory: Path, component: str) -> Path:
 
 
 def test_a_step_mapped_over_workers_on_two_docker_engines_gives_the_unmapped_output(
-    stack, s3_mode, engine, remote_worker, worker_here, tmp_path
+    stack, dataset, file_mode, s3_mode, engine, remote_worker, worker_here, tmp_path
 ):
     """Hosts without a shared volume need S3: worker/compose.yml on this engine and on a second one
-    (README, "Scaling out"), validate mapped over both, and the unmapped output."""
-    here = stack.run("main-flow/main")  # unmapped, on this host's pools
-    assert here.state.is_completed(), here.state
+    (README, "Scaling out"), validate mapped over both, and the output of the unmapped run on one
+    host (file_mode: the same rows)."""
     image = stack.deployment("validate/validate").job_variables["image"]
     assert engine.docker("image", "inspect", image, check=False).returncode != 0  # no shared images
     stack.deploy("validate", cwd=on_remote_pool(tmp_path, "validate"))
     try:
         assert stack.deployment("validate/validate").work_pool_name == SETTINGS["REMOTE_POOL"]
-        there = stack.run("main-flow/main", steps=MAPPED, part_rows=40)
+        there = stack.run("main-flow/main", source=dataset[0], steps=MAPPED, part_rows=30_000)
     finally:
         stack.deploy("validate")
     assert there.state.is_completed(), there.state
@@ -319,9 +318,9 @@ def test_a_step_mapped_over_workers_on_two_docker_engines_gives_the_unmapped_out
     assert any(on_first) and any(on_second) and all(map(operator.xor, on_first, on_second)), (on_first, on_second)
     # The second engine pulled the image from the registry to run its partitions.
     assert engine.docker("image", "inspect", image, check=False).returncode == 0
-    before, after = stack.output(here), stack.output(there)
+    before, after = file_mode[1], stack.output(there)
     mapped = after["results"]["validate/validate"]
-    assert [p["rows"] for p in mapped["output"]["parts"]] == [40, 40, 40, 30]
+    assert [p["rows"] for p in mapped["output"]["parts"]] == [30_000, 30_000, 30_000, 10_000]
     assert mapped["output"]["parts"] == after["input"]["parts"]  # validate passes its input on, part for part
     summary, unmapped = after["results"]["subflow/subflow"], before["results"]["subflow/subflow"]
     assert summary["summary"] == unmapped["summary"]
