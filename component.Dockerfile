@@ -4,10 +4,15 @@
 # step kit, nothing of any other component.
 ARG PREFECT_IMAGE
 FROM ${PREFECT_IMAGE}
+WORKDIR /opt/prefect/pipeline
+# Locked dependencies first: a code-only change rebuilds just the layers below. The step kit's
+# come before anything of the component's, so every component image shares that layer (built and
+# pushed once); the component's lock agrees with it (tools/lock.py), so pip skips what it holds.
+COPY stepkit/requirements.lock stepkit/requirements.lock
+RUN pip install --no-cache-dir --no-deps --require-hashes -r stepkit/requirements.lock
+# Declared after the shared layer: every RUN after an ARG has its value in its cache key.
 ARG COMPONENT
 ARG FLOW_UID
-WORKDIR /opt/prefect/pipeline
-# Locked dependencies first, in their own layer: a code-only change rebuilds just the layers below.
 COPY ${COMPONENT}/requirements.lock ${COMPONENT}/requirements.lock
 RUN pip install --no-cache-dir --no-deps --require-hashes -r ${COMPONENT}/requirements.lock
 # The step kit this component is built with (stepkit/): the image keeps it until redeployed.

@@ -53,7 +53,7 @@ class Plan:
         return cls(
             runs=1, warm_up=False, rows=(1_000,), size_runs=1, stores=("file",), format_rows=(1_000,),
             mapped_rows=(), partitions=(2,), concurrency=(1,), redeploys=1, idle_s=1, api_calls=5,
-            intervals=(float(SETTINGS["PREFECT_WORKER_QUERY_SECONDS"]),),  # .env's own: one interval, not two
+            intervals=(),  # the idle CPU at .env's interval only: the latency stage runs at that interval
             deadline=RUN_DEADLINE,  # a hung run fails the smoke in minutes, naming itself
         )  # fmt: skip
 

@@ -159,7 +159,7 @@ def test_every_lock_is_fresh_and_hashed():
         subprocess.run([sys.executable, str(ROOT / "tools" / "lock.py"), "--check"], capture_output=True).returncode
         == 0
     )
-    for path in [*ROOT.glob("*/requirements.lock"), ROOT / "requirements-dev.lock"]:
+    for path in [*ROOT.glob("*/requirements.lock"), ROOT / "requirements-dev.lock"]:  # stepkit's too
         pins = lock.pins(path)
         assert pins and all(hashes for _, hashes in pins.values()), path
         assert pins["prefect"][0] == SETTINGS["PREFECT_VERSION"], path  # every image runs .env's Prefect
@@ -168,16 +168,21 @@ def test_every_lock_is_fresh_and_hashed():
 def test_a_stale_lock_is_caught(tmp_path):
     copy = tmp_path / "repo"
     copy.mkdir()
-    for name in (".env", "pyproject.toml", "requirements-dev.lock", "tools", *COMPONENTS, "worker"):
+    for name in (".env", "pyproject.toml", "requirements-dev.lock", "tools", "stepkit", *COMPONENTS, "worker"):
         if (ROOT / name).is_dir():
             shutil.copytree(ROOT / name, copy / name)
         else:
             shutil.copy(ROOT / name, copy / name)
     with (copy / "subflow" / "requirements.txt").open("a") as file:
         file.write("polars>=1\n")
+    # A component pinning a kit package apart from the kit's lock: its layer would reinstall it.
+    validate = copy / "validate" / "requirements.lock"
+    pyarrow = lock.pins(ROOT / "stepkit" / "requirements.lock")["pyarrow"][0]
+    validate.write_text(validate.read_text().replace(f"pyarrow=={pyarrow}", "pyarrow==26.0.0"))
     check = subprocess.run([sys.executable, str(copy / "tools" / "lock.py"), "--check"], capture_output=True, text=True)
     assert check.returncode != 0
     assert "subflow/requirements.lock: polars>=1 is not in the lock" in check.stderr
+    assert f"validate/requirements.lock: pyarrow==26.0.0 is not the step kit's pyarrow=={pyarrow}" in check.stderr
     assert "run `make lock`" in check.stderr
 
 

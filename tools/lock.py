@@ -5,7 +5,10 @@
 
 Each image lock (components, worker) covers its requirements.txt plus the Prefect pin of .env,
 and a component's also the step kit's requirements (stepkit/requirements.txt), so the whole
-environment of an image is locked, not only what it adds to the base image. The
+environment of an image is locked, not only what it adds to the base image. The step kit's own
+lock (stepkit/requirements.lock) is locked first, and every component's within its pins: the
+recipe installs it in a layer of its own that every component image shares, built and pushed
+once, and a component's own layer holds only what it adds. The
 dev lock (requirements-dev.lock, the host's tests and CLI) covers pyproject.toml's dev extra and
 every image's requirements.txt, so unit tests import exactly what the images run.
 """
@@ -13,6 +16,7 @@ every image's requirements.txt, so unit tests import exactly what the images run
 import argparse
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -24,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEV_LOCK = ROOT / "requirements-dev.lock"
 S3_TEST = ROOT / "tests" / "s3" / "requirements.txt"
 KIT = ROOT / "stepkit" / "requirements.txt"  # not an image: part of every component's
+KIT_LOCK = KIT.with_suffix(".lock")  # the layer every component image shares (component.Dockerfile)
 PYTHON = "3.11"  # the Python of the images and of CI
 
 
@@ -35,7 +40,8 @@ def image_inputs() -> dict[Path, list[str]]:
     """Each image's lock file and the requirements it must satisfy."""
     # Components and the worker are built FROM the Prefect image; the S3 test endpoint is not.
     kit = read_requirements(KIT) if KIT.is_file() else []
-    locks = {
+    locks = {KIT_LOCK: [prefect_pin(), *kit]} if kit else {}
+    locks |= {
         txt.with_suffix(".lock"): [
             prefect_pin(),
             *read_requirements(txt),
@@ -61,13 +67,25 @@ def read_requirements(path: Path) -> list[str]:
 
 
 def compile_lock(inputs: list[str], lock: Path) -> None:
-    """`uv pip compile` the inputs (given on stdin) into `lock`, with every file's hash."""
+    """`uv pip compile` the inputs (given on stdin) into `lock`, with every file's hash; a
+    component's within the step kit's pins."""
     command = [
         sys.executable, "-m", "uv", "pip", "compile", "-", "--quiet", "--generate-hashes",
         "--universal", "--python-version", PYTHON, "--output-file", str(lock.relative_to(ROOT)),
+        "--custom-compile-command", "make lock",  # not the temporary constraints file's path
     ]  # fmt: skip
-    subprocess.run(command, input="\n".join(inputs) + "\n", text=True, cwd=ROOT, check=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as constraints:
+        if is_component(lock):
+            constraints.write("".join(f"{name}=={version}\n" for name, (version, _) in pins(KIT_LOCK).items()))
+            constraints.flush()
+            command += ["--constraint", constraints.name]
+        subprocess.run(command, input="\n".join(inputs) + "\n", text=True, cwd=ROOT, check=True)
     print(f"locked {lock.relative_to(ROOT)}")
+
+
+def is_component(lock: Path) -> bool:
+    """Whether `lock` is a component image's: built on the step kit's layer."""
+    return lock.parent.parent == ROOT and lock.name == "requirements.lock" and lock.parent.name not in ("worker", "stepkit")
 
 
 def pins(lock: Path) -> dict[str, tuple[str, int]]:
@@ -99,6 +117,13 @@ def stale(inputs: list[str], lock: Path) -> list[str]:
         elif not requirement.specifier.contains(locked[name][0], prereleases=True):
             problems.append(f"{requirement} does not admit the locked {name}=={locked[name][0]}")
     problems += [f"{name} has no hash" for name, (_, hashes) in locked.items() if hashes == 0]
+    if is_component(lock) and KIT_LOCK.is_file():  # else its layer reinstalls what the kit's holds
+        kit = {name: version for name, (version, _) in pins(KIT_LOCK).items()}
+        problems += [
+            f"{name}=={locked[name][0]} is not the step kit's {name}=={version}"
+            for name, version in kit.items()
+            if name in locked and locked[name][0] != version
+        ]
     return [f"{lock.relative_to(ROOT)}: {p}" for p in problems]
 
 
