@@ -283,10 +283,10 @@ def test_the_secrets_live_with_the_stack_not_the_clone(tmp_path):
     mirrors = [ROOT / ".secrets" / own.project, clone / ".secrets" / own.project]
     own.down()
     try:
-        own.compose("up", "-d", "--build", "--wait", "gateway")
+        own.compose("up", "-d", "--build", "--wait", "postgres")  # its secrets made, its database made with them
         auth = own.secret("api-auth-string")
         own.compose("down")
-        own.compose("up", "-d", "--wait", "gateway", cwd=clone)  # recreated, from the clone
+        own.compose("up", "-d", "--build", "--wait", "gateway", cwd=clone)  # the whole API, from the clone
         assert (mirrors[1] / "api-auth-string").read_text().strip() == auth
         with own.api() as client:
             assert client.read_flows() == []  # the server opened its database; the gateway takes the auth string
@@ -295,7 +295,7 @@ def test_the_secrets_live_with_the_stack_not_the_clone(tmp_path):
         own.sh("docker", "volume", "rm", f"{own.project}_secrets")
         for mirror in mirrors:
             shutil.rmtree(mirror)
-        assert own.compose("up", "-d", "--wait", "gateway", check=False).returncode != 0
+        assert own.compose("up", "-d", "--wait", "postgres", check=False).returncode != 0
         logs = own.compose("logs", "--no-log-prefix", "secrets").stdout
         assert f"the stack's database (volume {own.project}_postgres-data) exists but its secrets are gone" in logs
         assert not mirrors[0].exists()  # and no new secrets were made

@@ -242,10 +242,11 @@ def remote_worker(stack, s3_mode, engine, tmp_path_factory):
     }
     compose = ["docker", "compose", "-f", "worker/compose.yml"]
     # Built here (from this engine's cache) and loaded there: the image is the same, the second
-    # engine has no cache of its own and its bridge no NAT to reach PyPI.
+    # engine has no cache of its own and its bridge no NAT to reach PyPI. BuildKit, as compose
+    # builds the stack's worker from the same recipe: the classic builder's cache has none of it.
     image = f"pipeline-worker/worker:{SETTINGS['PREFECT_VERSION']}"
     stack.sh("docker", "build", "-q", "-t", image, "--build-arg", f"PREFECT_IMAGE={SETTINGS['PREFECT_IMAGE']}",
-             str(ROOT / "worker"))  # fmt: skip
+             str(ROOT / "worker"), DOCKER_BUILDKIT="1")  # fmt: skip
     saved = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE)
     loaded = subprocess.run(["docker", "-H", f"unix://{engine.socket}", "load"], stdin=saved.stdout,
                             capture_output=True, text=True, timeout=600)  # fmt: skip

@@ -85,7 +85,8 @@ def compile_lock(inputs: list[str], lock: Path) -> None:
 
 def is_component(lock: Path) -> bool:
     """Whether `lock` is a component image's: built on the step kit's layer."""
-    return lock.parent.parent == ROOT and lock.name == "requirements.lock" and lock.parent.name not in ("worker", "stepkit")
+    not_components = ("worker", "stepkit")
+    return lock.name == "requirements.lock" and lock.parent.parent == ROOT and lock.parent.name not in not_components
 
 
 def pins(lock: Path) -> dict[str, tuple[str, int]]:
