@@ -77,7 +77,10 @@ class Bench:
         """The process workers and their deployments, with the docker design's parameters and limits."""
         # The classic builder, whose cache `prefect deploy`'s builds (docker-py) filled: the same
         # recipe and build args, so no layer is built again (BuildKit has a cache of its own).
-        self.stack.compose("up", "-d", "--build", "--wait", *PROCESS_WORKERS, timeout=1800, DOCKER_BUILDKIT="0")
+        # Only these three: `up --build` would rebuild the running services' images too, and
+        # another builder's image ids recreate them.
+        self.stack.compose("build", *PROCESS_WORKERS, timeout=1800, DOCKER_BUILDKIT="0")
+        self.stack.compose("up", "-d", "--no-build", "--wait", *PROCESS_WORKERS, timeout=600)
         self.stack.sh(PREFECT, "--no-prompt", "deploy", "--prefect-file", "bench/prefect.yaml", "--all")
         with self.stack.api() as client:
             docker_validate = client.read_deployment_by_name("validate/validate")

@@ -15,13 +15,15 @@ pytestmark = pytest.mark.e2e
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def test_every_stage_runs_once_and_writes_its_results_charts_and_tables(stack, tmp_path):
+def test_every_stage_runs_once_and_writes_its_results_charts_and_tables(stack, tmp_path, capsys):
     bench = Bench.on(stack)
     bench.baseline()
     try:
         results = run(bench, Plan.smoke(), list(STAGES), tmp_path / "results.json", tmp_path)
     finally:
         bench.baseline_down()
+    with capsys.disabled():  # where the smoke's time goes, in CI's log
+        print(f"\n[measure] the smoke's stages, seconds: {results['seconds']}")
     assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(results, default=str))
     assert list(results["seconds"]) == list(STAGES) and results["plan"] == "smoke"
     # Each stage made its one sample of each figure, at its smallest size, every run correct.

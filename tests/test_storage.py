@@ -241,12 +241,11 @@ def remote_worker(stack, s3_mode, engine, tmp_path_factory):
         "WORKER_LIMIT": "2",  # so 4 partitions cannot all go to one host
     }
     compose = ["docker", "compose", "-f", "worker/compose.yml"]
-    # Built here (from this engine's cache) and loaded there: the image is the same, the second
-    # engine has no cache of its own and its bridge no NAT to reach PyPI. BuildKit, as compose
-    # builds the stack's worker from the same recipe: the classic builder's cache has none of it.
+    # The stack's worker image (compose built it from the same recipe, worker/, with the same
+    # PREFECT_IMAGE), loaded there under the recipe's name: the second engine has no cache of its
+    # own and its bridge no NAT to reach PyPI, so `up --build` there finds it built.
     image = f"pipeline-worker/worker:{SETTINGS['PREFECT_VERSION']}"
-    stack.sh("docker", "build", "-q", "-t", image, "--build-arg", f"PREFECT_IMAGE={SETTINGS['PREFECT_IMAGE']}",
-             str(ROOT / "worker"), DOCKER_BUILDKIT="1")  # fmt: skip
+    stack.sh("docker", "tag", f"{stack.project}/worker:{SETTINGS['PREFECT_VERSION']}", image)
     saved = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE)
     loaded = subprocess.run(["docker", "-H", f"unix://{engine.socket}", "load"], stdin=saved.stdout,
                             capture_output=True, text=True, timeout=600)  # fmt: skip
