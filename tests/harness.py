@@ -316,9 +316,11 @@ class Stack:
             client_kwargs={"endpoint_url": self.s3_url},
         )  # fmt: skip
 
-    def volume_dir(self, name: str) -> str:
-        """Where this stack's volume `name` is on the Docker host: what the workers bind from."""
-        return self.sh("docker", "volume", "inspect", "-f", "{{.Mountpoint}}", f"{self.project}_{name}").stdout.strip()
+    def volume_dir(self, name: str, check: bool = True) -> str:
+        """Where this stack's volume `name` is on the Docker host: what the workers bind from
+        (empty if there is no such volume yet and check=False)."""
+        found = self.sh("docker", "volume", "inspect", "-f", "{{.Mountpoint}}", f"{self.project}_{name}", check=check)
+        return found.stdout.strip() if found.returncode == 0 else ""
 
     def on_volume(
         self, name: str, command: str, *args: str, write_as: str | None = None, check: bool = True
@@ -344,11 +346,9 @@ class Stack:
 
     def _data_dir(self) -> Path | None:
         if self.project not in DATA_DIRS:  # the same path for as long as the volume has its name
-            found = self.sh("docker", "volume", "inspect", "-f", "{{.Mountpoint}}", f"{self.project}_data", check=False)
-            if found.returncode != 0:  # not made yet: ask again next time
+            if not (found := self.volume_dir("data", check=False)):  # not made yet: ask again next time
                 return None
-            path = Path(found.stdout.strip())
-            DATA_DIRS[self.project] = path if os.access(path, os.R_OK | os.X_OK) else None
+            DATA_DIRS[self.project] = Path(found) if os.access(found, os.R_OK | os.X_OK) else None
         return DATA_DIRS[self.project]
 
     def read_object(self, uri: str) -> bytes:
@@ -371,9 +371,8 @@ class Stack:
         if uri.startswith("s3://"):
             return {p: i["LastModified"].timestamp() for p, i in self.s3().find(uri, detail=True).items()}
         if path := self.on_host(uri):
-            root = self.on_host("/data")
             files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
-            return {f"/data/{f.relative_to(root)}": f.stat().st_mtime for f in files}
+            return {f"/data/{f.relative_to(self._data_dir())}": f.stat().st_mtime for f in files}
         found = self.on_data_volume("find", uri.removeprefix("file://"), "-type", "f", "-printf", "%p %T@\\n")
         return {path: float(time) for path, time in (line.rsplit(" ", 1) for line in found.stdout.splitlines())}
 
