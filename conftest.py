@@ -9,6 +9,7 @@ import fsspec
 import pytest
 from dotenv import dotenv_values
 from fsspec.implementations.local import LocalFileSystem
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
 # Prefect reads PREFECT_API_URL from .env in the working directory: the user's stack. No test
@@ -57,9 +58,14 @@ def run_dir(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="session")
 def prefect_api():
-    """A temporary local Prefect server and database for flow-level unit tests."""
+    """A temporary local Prefect server and database for flow-level unit tests; in a suite that a
+    test runs inside its own (tests/test_scaffold.py), that test's (PIPELINE_TEST_API_URL)."""
+    if url := os.environ.get("PIPELINE_TEST_API_URL"):
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield url
+        return
     with prefect_test_harness(server_startup_timeout=120):
-        yield
+        yield PREFECT_API_URL.value()
 
 
 class CountingFileSystem(LocalFileSystem):

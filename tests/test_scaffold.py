@@ -71,9 +71,10 @@ def test_the_scaffold_adds_the_step_to_the_end_of_the_pipeline():
     assert after["deployments"] == before["deployments"]
 
 
-def test_the_readmes_first_edit_keeps_the_unit_suite_green(tmp_path):
+def test_the_readmes_first_edit_keeps_the_unit_suite_green(tmp_path, prefect_api):
     """`make component NAME=enrich` (README *Adding a component*) in a copy of the repository, then
-    there the unit tests that read prefect.yaml, and enrich's own: all pass."""
+    there the unit tests that read prefect.yaml, and enrich's own: all pass (on this suite's
+    temporary Prefect server: a second one takes half a minute to start)."""
     project = project_copy(tmp_path)
     shutil.copytree(ROOT / "tests", project / "tests", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("conftest.py", "pyproject.toml"):
@@ -84,7 +85,8 @@ def test_the_readmes_first_edit_keeps_the_unit_suite_green(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", "not e2e", "--deselect", this,
          "tests/test_contract.py", "tests/test_scaffold.py", "enrich"],
-        cwd=project, env={**os.environ, "PYTHONPATH": str(project)}, capture_output=True, text=True, timeout=600,
+        cwd=project, env={**os.environ, "PYTHONPATH": str(project), "PIPELINE_TEST_API_URL": prefect_api},
+        capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     ran = proc.stdout
     assert proc.returncode == 0, ran[-3000:] + proc.stderr[-3000:]

@@ -9,8 +9,9 @@ import pytest
 from pipeline_worker import Policy, PolicyViolation, credential, memory_bytes, mounts
 from pipeline_worker.authority import run_of
 from pipeline_worker.exits import TAIL_BYTES, TAIL_LINES, Exit, tail_of
-from pipeline_worker.worker import CANCEL, MAIN, STEP, STOP, Role, reaping
+from pipeline_worker.worker import CANCEL, MAIN, STEP, STOP, Role, reaping, wakes
 from prefect.client.schemas.objects import FlowRun
+from prefect.events import Event
 from prefect.states import Cancelled, Completed, Crashed, Failed, Pending, Running, State
 
 POOLS = Path(__file__).resolve().parent.parent / "pools"
@@ -269,3 +270,28 @@ def test_the_sweep_stops_what_is_over_and_cancels_the_steps_of_a_main_run_that_d
     now = datetime.now(UTC) + timedelta(seconds=0 if why == "now" else 60)
     decided, said = reaping(run, Role(role, run_in(main) if main is not None else None), now)
     assert decided == action and (why in said or why == "now"), said
+
+
+@pytest.mark.parametrize(
+    ("state_type", "pool", "woken"),
+    [
+        ("SCHEDULED", "pool-a", True),  # a run to start
+        ("COMPLETED", "pool-a", True),  # a slot freed
+        ("CRASHED", "pool-a", True),
+        ("RUNNING", "pool-a", False),  # nothing new to find
+        ("PENDING", "pool-a", False),
+        ("SCHEDULED", "pool-b", False),  # another pool's
+    ],
+)
+def test_a_worker_polls_when_its_pools_runs_are_scheduled_or_end(state_type, pool, woken):
+    """The related resources a state change carries on Prefect's event stream (as the server emits it)."""
+    event = Event(
+        event=f"prefect.flow-run.{state_type.title()}",
+        resource={"prefect.resource.id": "prefect.flow-run.1", "prefect.state-type": state_type},
+        related=[
+            {"prefect.resource.id": "prefect.flow.2", "prefect.resource.role": "flow", "prefect.resource.name": "x"},
+            {"prefect.resource.id": "prefect.work-pool.3", "prefect.resource.role": "work-pool",
+             "prefect.resource.name": pool},
+        ],
+    )  # fmt: skip
+    assert wakes(event, "pool-a") is woken
