@@ -76,7 +76,8 @@ def test_an_unchanged_deploy_builds_and_pushes_nothing(stack, capsys):
 
 def test_a_subflow_version_fixed_alone_in_flight_resumed_replayed_and_rolled_back(stack, restore, tmp_path, capsys):
     """One new subflow version serves every path of the README's section, with its commands as written:
-    1. v1 (the repository's) runs a pipeline; then a bug deployed alone fails a second.
+    1. v1 (the repository's) runs a pipeline; then a version that cannot import a module, deployed
+       alone, fails a second once (not retried), naming the module and the fix.
     2. The fix, a one-line change to the subflow and one to the kit, is deployed with `prefect
        deploy --name subflow` while a step run waits for its worker: it builds only the subflow,
        only its image carries the new kit, and the waiting step runs it.
@@ -91,10 +92,15 @@ def test_a_subflow_version_fixed_alone_in_flight_resumed_replayed_and_rolled_bac
     old_output = stack.output(old)
     broken = project_copy(tmp_path / "broken")
     code = broken / "subflow" / "subflow.py"
-    code.write_text(code.read_text().replace(HEADING, f'    raise RuntimeError("a bug")\n{HEADING}'))
+    code.write_text(f"import not_installed_module  # noqa: F401\n{code.read_text()}")
     stack.deploy("subflow", cwd=broken)
     failed = stack.run("main-flow/main", refresh=["ingest", "validate/validate"])  # computed here
-    assert failed.state.is_failed() and "a bug" in failed.state.message, failed.state
+    missing = "ModuleNotFoundError: No module named 'not_installed_module'"
+    assert failed.state.is_failed() and missing in failed.state.message, failed.state
+    assert "requirements.txt" in failed.state.message
+    (attempt,) = [c for c in stack.children(failed.id) if stack.flow_name(c) == "subflow"]  # not retried
+    assert attempt.state.is_failed() and missing in attempt.state.message, attempt.state
+    assert not stack.containers(attempt.id)
 
     # 2. The fix, deployed while a step run exists but its worker has not started it.
     before = {name: stack.deployment(name) for name in ("main-flow/main", "validate/validate", "subflow/subflow")}
