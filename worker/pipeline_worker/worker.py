@@ -27,7 +27,7 @@ import docker
 import docker.errors
 from prefect._internal.observers import FlowRunCancellingObserver
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.objects import TERMINAL_STATES, FlowRun, StateType
 from prefect.events import Event
 from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
@@ -46,7 +46,7 @@ POOL_LABEL = "io.prefect.work-pool-name"
 STACK_LABEL = "io.modular-pipeline.stack"  # which stack's worker made it: several stacks share an engine
 SWEEP_S = 3.0  # how often the worker looks over its containers, and polls with no event to wake it
 # The states that give a pool's worker work: a run to start, or a slot freed by a run's end.
-WAKING = {"SCHEDULED", "COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
+WAKING = {state.value for state in (StateType.SCHEDULED, *TERMINAL_STATES)}
 FINAL_GRACE_S = 10  # a container whose run is final this long is stopped by the sweep
 SECRET_ENV = ("PREFECT_API_AUTH_STRING", "PIPELINE_CACHE_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 MAIN, STEP, MAINTENANCE = "main", "step", "maintenance"
