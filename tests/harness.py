@@ -268,12 +268,15 @@ class Stack:
         )
 
     def diagnosis(self, run_id: Any) -> str:
-        """What a hung run looks like: its state, its step runs' states, the workers' last lines."""
+        """What a hung run looks like: its and its step runs' states and containers, the workers' last lines."""
         runs = [self.read_run(run_id), *sorted(self.children(run_id), key=lambda r: r.created)]
-        states = "\n".join(
-            f"  {r.name} ({r.id}): {r.state.name} {r.state.message or ''}" if r.state else f"  {r.name}: no state"
-            for r in runs
-        )
+
+        def line(r: FlowRun) -> str:
+            state = f"{r.state.name} {r.state.message or ''}" if r.state else "no state"
+            left = self.containers(r.id)
+            return f"  {r.name} ({r.id}): {state}" + (f"; containers left: {' '.join(left)}" if left else "")
+
+        states = "\n".join(map(line, runs))
         logs = self.compose("logs", "--no-log-prefix", "--tail", "30", "worker-flow", "worker-subflow", check=False)
         return f"runs:\n{states}\nthe workers' last lines:\n{logs.stdout[-6000:]}"
 
@@ -306,6 +309,13 @@ class Stack:
         """Whether a main run and its step runs are final and none of their containers is left."""
         runs = [self.read_run(run_id), *self.children(run_id)]
         return all(r.state.is_final() for r in runs) and not any(self.containers(r.id) for r in runs)
+
+    def wait_stopped(self, run_id: Any, timeout: float = 60, every: float = 0.5) -> None:
+        """Wait until `stopped`; a timeout names each run's state and the containers left."""
+        wait_for(
+            f"run {run_id} and its step runs final, no container left",
+            lambda: self.stopped(run_id), timeout, every, diagnose=lambda: self.diagnosis(run_id),
+        )  # fmt: skip
 
     # --- the data store and the engine ----------------------------------------------------------
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from pipeline_worker import render
 from prefect.events.schemas.automations import AutomationCore
+from prefect.states import Cancelling, Pending
 
 from conftest import iris_rows, to_csv
 from tests.harness import ROOT, wait_for
@@ -187,7 +188,8 @@ def test_a_run_whose_container_dies_unwatched_is_crashed_when_its_heartbeats_sto
     """Its workers are down when its container dies: the automation of pools/automations.json frees
     the run (and its pool slot) instead of leaving it Running for ever. The automation is applied
     again as a FLOW_SILENCE_SECONDS of 35 renders it, for this test only, which then waits 35 s, not 90
-    (after a second heartbeat)."""
+    (after a second heartbeat). Its step, cancelled while no worker was there to see the event, is
+    ended Cancelled by the sweep once they are back, its container never started."""
     (spec,) = render(json.loads((ROOT / "pools" / "automations.json").read_text()), {"FLOW_SILENCE_SECONDS": SILENCE})
     spec = {**spec, "name": f"{spec['name']}-test", "trigger": {**spec["trigger"], "within": int(SILENCE)}}
     stack.compose("kill", "worker-subflow")  # so the main run waits on its step
@@ -199,6 +201,10 @@ def test_a_run_whose_container_dies_unwatched_is_crashed_when_its_heartbeats_sto
         # Two: the first may reach the server's triggers before the new automation does (it is
         # loaded through Postgres NOTIFY), and a heartbeat it never saw starts no countdown.
         wait_for("two heartbeats of the main run", lambda: heartbeats(stack, run.id) >= 2, 120)
+        step = stack.child(run.id, "subflow")
+        with stack.api() as client:  # as its worker had it when the cancel came (a Scheduled one ends at once)
+            client.set_flow_run_state(step.id, Pending(), force=True)
+            client.set_flow_run_state(step.id, Cancelling(message="cancelled before it started"), force=True)
         stack.compose("kill", "worker-flow")
         stack.sh("docker", "kill", container)
         assert stack.read_run(run.id).state.is_running()
@@ -209,3 +215,7 @@ def test_a_run_whose_container_dies_unwatched_is_crashed_when_its_heartbeats_sto
         stack.compose("up", "-d", "--wait", "worker-flow", "worker-subflow")
     assert crashed.state.is_crashed(), crashed.state
     assert f"No heartbeat for {SILENCE} s: the flow run's container is gone" in crashed.state.message
+    ended = wait_for("the sweep to end the step", lambda: (s := stack.read_run(step.id).state).is_final() and s, 60)
+    assert ended.is_cancelled() and ended.message == "cancelled before it started", ended
+    with stack.api() as client:
+        assert "RUNNING" not in {state.type.value for state in client.read_flow_run_states(step.id)}

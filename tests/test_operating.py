@@ -30,7 +30,7 @@ def test_a_cancel_stops_every_step_and_its_container(stack, serve):
     ended = stack.wait_final(run.id, timeout=120)
     assert ended.state.is_cancelled(), ended.state
     children = stack.children(run.id)
-    wait_for("every run final, no container left", lambda: stack.stopped(run.id), 60)
+    stack.wait_stopped(run.id)
     states = {c.name: stack.read_run(c.id).state for c in children}
     stopped = [name for name, state in states.items() if state.is_cancelled()]
     assert stopped and {s.type.value for s in states.values()} <= {"COMPLETED", "CANCELLED"}, states
@@ -63,7 +63,7 @@ def test_a_main_container_killed_mid_step_leaves_no_step_running(stack, serve):
         stack.sh("docker", "unpause", held, check=False)
     ended = stack.wait_final(run.id)
     assert ended.state.is_crashed() and "Killed (SIGKILL), not for memory" in ended.state.message, ended.state
-    wait_for("both runs final, no container left", lambda: stack.stopped(run.id), 60)
+    stack.wait_stopped(run.id)
     assert [c.id for c in stack.children(run.id)] == [step.id]
     cancelled = stack.read_run(step.id).state
     assert cancelled.is_cancelled() and "its pipeline's main run" in cancelled.message, cancelled
@@ -79,5 +79,5 @@ def test_a_step_cancelled_alone_stops_its_container_and_fails_its_pipeline_by_na
     ended = stack.wait_final(run.id)
     assert ended.state.is_failed(), ended.state
     assert f"step validate/validate (run {step.name!r}) ended Cancelled" in ended.state.message, ended.state.message
-    wait_for("both runs final, no container left", lambda: stack.stopped(run.id), 60)
+    stack.wait_stopped(run.id)
     assert stack.read_run(step.id).state.is_cancelled()

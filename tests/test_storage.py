@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from prefect.client.schemas.actions import VariableCreate
+from prefect.client.schemas.actions import DeploymentUpdate, VariableCreate
 
 from tests.harness import (
     CI,
@@ -300,14 +300,18 @@ def test_a_step_mapped_over_workers_on_two_docker_engines_gives_the_unmapped_out
     """Hosts without a shared volume need S3: worker/compose.yml on this engine and on a second one
     (README, "Scaling out"), validate mapped over both, and the output of the unmapped run on one
     host (file_mode: the same rows)."""
-    image = stack.deployment("validate/validate").job_variables["image"]
+    here = stack.deployment("validate/validate")
+    image = here.job_variables["image"]
     assert engine.docker("image", "inspect", image, check=False).returncode != 0  # no shared images
     stack.deploy("validate", cwd=on_remote_pool(tmp_path, "validate"))
     try:
         assert stack.deployment("validate/validate").work_pool_name == SETTINGS["REMOTE_POOL"]
         there = stack.run("main-flow/main", source=dataset[0], steps=MAPPED, part_rows=30_000)
-    finally:
-        stack.deploy("validate")
+    finally:  # back on its pool, as a rollback goes back: nothing built
+        back = {"work_pool_name": here.work_pool_name, "work_queue_name": here.work_queue_name}
+        with stack.api() as client:
+            client.update_deployment(here.id, DeploymentUpdate(**back, job_variables=here.job_variables))
+    assert stack.deployment("validate/validate").work_pool_name == here.work_pool_name
     assert there.state.is_completed(), there.state
     partitions = [run for run in stack.children(there.id) if stack.flow_name(run) == "validate"]
     assert len(partitions) == 4 and {run.work_pool_name for run in partitions} == {SETTINGS["REMOTE_POOL"]}

@@ -9,10 +9,10 @@ import pytest
 from pipeline_worker import Policy, PolicyViolation, credential, memory_bytes, mounts
 from pipeline_worker.authority import run_of
 from pipeline_worker.exits import TAIL_BYTES, TAIL_LINES, Exit, tail_of
-from pipeline_worker.worker import CANCEL, MAIN, STEP, STOP, Role, reaping, wakes
+from pipeline_worker.worker import CANCEL, MAIN, STEP, STOP, Role, left_cancelling, reaping, wakes
 from prefect.client.schemas.objects import FlowRun
 from prefect.events import Event
-from prefect.states import Cancelled, Completed, Crashed, Failed, Pending, Running, State
+from prefect.states import Cancelled, Cancelling, Completed, Crashed, Failed, Pending, Running, State
 
 POOLS = Path(__file__).resolve().parent.parent / "pools"
 ENV = {
@@ -240,6 +240,8 @@ def run_in(prefect_api):
 
         def make(state: State) -> FlowRun:
             run = client.create_flow_run_from_deployment(deployment)
+            if state.is_cancelling():  # the server makes a Scheduled run's cancel Cancelled at once
+                client.set_flow_run_state(run.id, Running(), force=True)
             client.set_flow_run_state(run.id, state, force=True)
             return client.read_flow_run(run.id)
 
@@ -295,3 +297,16 @@ def test_a_worker_polls_when_its_pools_runs_are_scheduled_or_end(state_type, poo
         ],
     )  # fmt: skip
     assert wakes(event, "pool-a") is woken
+
+
+@pytest.mark.parametrize(
+    ("state", "after_s", "left"),
+    [
+        (Cancelling(), 60, True),  # its event missed, or its cancel failed: the sweep ends it
+        (Cancelling(), 0, False),  # its worker is on it
+        (Running(), 60, False),
+        (Cancelled(), 60, False),
+    ],
+)
+def test_the_sweep_ends_a_run_left_cancelling(run_in, state, after_s, left):
+    assert left_cancelling(run_in(state), datetime.now(UTC) + timedelta(seconds=after_s)) is left

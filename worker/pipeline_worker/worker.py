@@ -26,7 +26,15 @@ import anyio
 import docker
 import docker.errors
 from prefect._internal.observers import FlowRunCancellingObserver
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterParentFlowRunId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    WorkPoolFilter,
+    WorkPoolFilterName,
+)
 from prefect.client.schemas.objects import TERMINAL_STATES, FlowRun, StateType
 from prefect.events import Event
 from prefect.events.clients import get_events_subscriber
@@ -147,8 +155,7 @@ class PolicyDockerWorker(DockerWorker):
         self, flow_run: FlowRun, configuration: DockerWorkerJobConfiguration, task_status: Any
     ) -> DockerWorkerResult:
         role = await self._role(flow_run)
-        if role.role == STEP and ended_otherwise(role.main):
-            await self._set_cancelled(flow_run, f"Not started: its pipeline's main run {ended(role.main)}.")
+        if await self._over_before_its_start(flow_run, role):
             if task_status is not None:
                 task_status.started("")  # nothing to report as started: the slot is released
             return DockerWorkerResult(status_code=0, identifier="")
@@ -173,6 +180,19 @@ class PolicyDockerWorker(DockerWorker):
         if role.role == MAIN:
             await self._after_main(flow_run.id, ended_with)
         return DockerWorkerResult(status_code=ended_with.code if ended_with else -1, identifier=pid)
+
+    async def _over_before_its_start(self, flow_run: FlowRun, role: Role) -> bool:
+        """Whether a run is over before its container starts, ending it if it is not yet: cancelled
+        (read again now that the cancelling observer has it, so a cancel asked before then is seen
+        here), or a step whose main run ended otherwise than Completed."""
+        state = (await self.client.read_flow_run(flow_run.id)).state
+        if state is not None and state.is_cancelling():
+            await self._cancel(flow_run.id, None)
+        elif role.role == STEP and ended_otherwise(role.main) and not (state and state.is_final()):
+            await self._set_cancelled(flow_run, f"Not started: its pipeline's main run {ended(role.main)}.")
+        else:
+            return state is not None and state.is_final()
+        return True
 
     def _build_container_settings(self, docker_client, configuration):  # noqa: ANN001, ANN202
         settings = super()._build_container_settings(docker_client, configuration)
@@ -385,9 +405,15 @@ class PolicyDockerWorker(DockerWorker):
             self._logger.warning("%s failed; the next sweep tries again", job.__name__, exc_info=True)
 
     async def _sweep(self) -> None:
-        """Look over this stack's containers of this pool: see to the end those no worker waits for
-        (a stopped or restarted worker left them), stop those whose run is over or unknown, and
+        """End the runs of this pool left Cancelling (their event missed, or their cancel failed),
+        then look over this stack's containers of this pool: see to the end those no worker waits
+        for (a stopped or restarted worker left them), stop those whose run is over or unknown, and
         cancel the step runs whose main run ended otherwise than Completed."""
+        cancelling = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CANCELLING])))
+        pool = WorkPoolFilter(name=WorkPoolFilterName(any_=[self.work_pool.name]))
+        for run in await self.client.read_flow_runs(flow_run_filter=cancelling, work_pool_filter=pool):
+            if left_cancelling(run, datetime.now(UTC)):
+                await self._cancel(run.id, None)
         labels = [f"{STACK_LABEL}={self.stack}", f"{POOL_LABEL}={self.work_pool.name}"]
         found = await run_sync_in_worker_thread(self._containers, labels)
         if not found:
@@ -460,6 +486,12 @@ def reaping(run: FlowRun | None, role: Role, now: datetime) -> tuple[str | None,
     if role.role == STEP and ended_otherwise(role.main):
         return CANCEL, f"Cancelled: its pipeline's main run {ended(role.main)}."
     return None, ""
+
+
+def left_cancelling(run: FlowRun, now: datetime) -> bool:
+    """Whether a run has been Cancelling for longer than its worker takes to act on the event."""
+    state = run.state
+    return state is not None and state.is_cancelling() and now - state.timestamp > timedelta(seconds=SWEEP_S)
 
 
 def wakes(event: Event, pool: str) -> bool:
