@@ -398,14 +398,12 @@ class Stack:
         return self.overrides.get("PIPELINE_DATA_URL", SETTINGS["PIPELINE_DATA_URL"]).rstrip("/")
 
     def forget_image(self, deployment: str) -> None:
-        """Remove a deployment's image from the engine: its next run must pull it."""
-        found = self.deployment(deployment)
-        image = found.job_variables["image"]
-        # The last run's container may still be on its way out (auto_remove), holding the image.
-        local = self.sh("docker", "image", "inspect", "-f", "{{.Id}}", image).stdout.strip()
-        users = ("docker", "ps", "-aq", "--filter", f"ancestor={local}")
-        wait_for(f"no container of {image}", lambda: not self.sh(*users).stdout.strip())
-        self.sh("docker", "image", "rm", "--force", local)  # by id: every tag and digest of it
+        """Take a deployment's image reference (registry/name@digest) off the engine: its next run
+        must pull it. Only that reference: the image, its tag and its build cache stay (while a tag
+        holds it), so a later unchanged deploy still builds nothing."""
+        image = self.deployment(deployment).job_variables["image"]
+        self.sh("docker", "image", "rm", image)
+        assert self.sh("docker", "image", "inspect", image, check=False).returncode != 0, image
 
     def containers(self, run_id: Any, running: bool = False) -> list[str]:
         """Ids of the containers of a flow run: all of them, or only the running ones."""

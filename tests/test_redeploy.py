@@ -52,8 +52,8 @@ def kit_has(stack, image: str, marker: str) -> bool:
 
 
 def test_an_unchanged_deploy_builds_and_pushes_nothing(stack, capsys):
-    """A deploy right after a deploy: the first, only if an earlier test took an image out of the
-    engine (a fault test forgets one; its build cache goes with it)."""
+    """A deploy right after a deploy: the first, only if this engine lacks an image's tag (the
+    redeploy story below removes one, should this test run after it)."""
     names = ("main-flow/main", "validate/validate", "subflow/subflow")
     built = [f"{d.job_variables['image'].split('@')[0]}:{d.version}" for d in map(stack.deployment, names)]
     if not all(image_id(stack, tag, check=False) for tag in built):  # a pulled image has its digest, not its tag
