@@ -65,7 +65,7 @@ lint: $(BIN)/pytest
 lock: $(BIN)/pytest  ## Recompile every requirements.lock and requirements-dev.lock
 	$(BIN)/python tools/lock.py
 
-bench: $(BIN)/pytest  ## Every stage on a stack of its own: bench/results.json, charts, bench/README.md; ARGS="--smoke" etc.
+bench: $(BIN)/pytest  ## Every stage on a stack of its own: bench/results.json, charts, both READMEs; ARGS="--smoke" etc. into bench/partial/
 	$(BIN)/python -m bench $(ARGS)
 
 down:  ## Stop your stack; volumes (database, registry, data) stay

@@ -1,11 +1,11 @@
 """`make bench`: every stage of the benchmark on a stack of its own, one results file, its charts,
-and bench/README.md's tables generated from them.
+and bench/README.md's tables and README.md's summary generated from them.
 
     .venv/bin/python -m bench                              # make bench: every stage (about an hour here)
     .venv/bin/python -m bench --stages latency cached      # some stages
     .venv/bin/python -m bench --smoke                      # each stage once, at its smallest size
     .venv/bin/python -m bench --stages latency --before <git ref>   # the main flow then and now
-    .venv/bin/python -m bench --report bench/results.json  # no run: that file's tables into bench/README.md
+    .venv/bin/python -m bench --report bench/results.json  # no run: that file's tables and summary into the READMEs
 """
 
 import argparse
@@ -21,7 +21,7 @@ from bench.stack import Bench
 from bench.stages import STAGES, Plan
 
 HERE = Path(__file__).resolve().parent
-README = HERE / "README.md"
+TABLES, SUMMARY = HERE / "README.md", HERE.parent / "README.md"
 
 
 def run(bench: Bench, plan: Plan, stages: list[str], out: Path, chart_dir: Path) -> dict[str, Any]:
@@ -45,6 +45,12 @@ def run(bench: Bench, plan: Plan, stages: list[str], out: Path, chart_dir: Path)
     return results
 
 
+def publish(results: dict[str, Any]) -> None:
+    """One run's figures into the READMEs: every table into bench/README.md, the summary into README.md."""
+    report.write_into(TABLES, report.report(results), report.TABLES_SLOT)
+    report.write_into(SUMMARY, report.summary(results), report.SUMMARY_SLOT)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -52,30 +58,36 @@ def main() -> None:
     )
     parser.add_argument("--smoke", action="store_true", help="each stage once, at its smallest size")
     parser.add_argument("--before", metavar="REF", help="also time the main flow as of this git ref")
-    parser.add_argument("--out", type=Path, default=HERE / "results.json")
-    parser.add_argument("--charts", type=Path, default=HERE, help="where the charts go")
+    parser.add_argument("--out", type=Path, help="the results file (default: bench/results.json, or "
+                        "bench/partial/results.json for a run of some stages or the smoke)")  # fmt: skip
+    parser.add_argument("--charts", type=Path, help="where the charts go (default: beside the results)")
     parser.add_argument("--keep", action="store_true", help="leave the benchmark's stack up afterwards")
-    parser.add_argument("--report", type=Path, metavar="RESULTS", help="write RESULTS' tables into bench/README.md")
+    parser.add_argument("--report", type=Path, metavar="RESULTS", help="write RESULTS' figures into the READMEs")
     args = parser.parse_args()
     if args.report:
-        report.write_into(README, json.loads(args.report.read_text()))
-        print(f"{README}: tables from {args.report}")
+        publish(json.loads(args.report.read_text()))
+        print(f"{TABLES} and {SUMMARY}: figures from {args.report}")
         return
     plan = Plan.smoke() if args.smoke else Plan()
+    full = plan == Plan() and args.stages == list(STAGES)  # only a full run replaces the committed figures
+    out = args.out or (HERE if full else HERE / "partial") / "results.json"
+    chart_dir = args.charts or out.parent
+    for directory in (out.parent, chart_dir):
+        directory.mkdir(parents=True, exist_ok=True)
     bench = Bench.own()
     bench.up()
     try:
         if args.before:
             bench.before(args.before)
-        results = run(bench, plan, args.stages, args.out, args.charts)
+        results = run(bench, plan, args.stages, out, chart_dir)
     finally:
         if not args.keep:
             bench.stack.down()
     print(report.report(results))
-    if plan == Plan() and args.stages == list(STAGES) and args.out == HERE / "results.json":
-        report.write_into(README, results)  # a full run is the one the README shows
-        print(f"{README}: tables updated")
-    print(f"results: {args.out}; charts: {', '.join(results['charts'])} in {args.charts}")
+    if full and out == HERE / "results.json":
+        publish(results)  # a full run is the one the READMEs show
+        print(f"{TABLES} and {SUMMARY}: figures updated")
+    print(f"results: {out}; charts: {', '.join(results['charts'])} in {chart_dir}")
 
 
 if __name__ == "__main__":

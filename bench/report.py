@@ -1,16 +1,18 @@
-"""The benchmark's tables, in markdown, from one results file: printed after a run, and written into
-bench/README.md between its markers (`python -m bench --report bench/results.json`), so the
-figures there are never typed by hand."""
+"""The benchmark's tables, in markdown, from one results file: printed after a run, and written
+between markers into bench/README.md (the tables) and README.md (a summary) by `python -m bench
+--report bench/results.json`, so the figures there are never typed by hand."""
 
 import re
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench.measure import spread
-from bench.stages import COMPONENTS
+from bench.stages import CANCELLED, COMPONENTS, KILLED
 
-START, END = "<!-- tables: python -m bench --report -->", "<!-- end of tables -->"
+TABLES_SLOT = ("<!-- tables: python -m bench --report -->", "<!-- end of tables -->")
+SUMMARY_SLOT = ("<!-- summary: python -m bench --report -->", "<!-- end of summary -->")
 
 
 def fmt(s: dict[str, float], digits: int = 2) -> str:
@@ -184,14 +186,47 @@ NEEDS = {"cpu": "latency"}  # a table drawn from another stage's results
 def report(results: dict[str, Any]) -> str:
     """Every table the results have the figures for."""
     parts = [TABLES[name](results) for name in TABLES if NEEDS.get(name, name) in results]
-    when = f"Measured {results['when'][:16].replace('T', ' ')} UTC ({results['plan']})."
-    return "\n\n".join([when] + ["\n".join(lines) for lines in parts]) + "\n"
+    return "\n\n".join([measured(results)] + ["\n".join(lines) for lines in parts]) + "\n"
 
 
-def write_into(readme: Path, results: dict[str, Any]) -> None:
-    """Replace the tables between README's markers with those of `results`."""
-    text = readme.read_text()
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    if not pattern.search(text):
-        raise ValueError(f"{readme} has no {START} ... {END} section for the tables")
-    readme.write_text(pattern.sub(lambda _: f"{START}\n\n{report(results)}\n{END}", text))
+def measured(results: dict[str, Any]) -> str:
+    return f"Measured {results['when'][:16].replace('T', ' ')} UTC ({results['plan']})."
+
+
+def summary(results: dict[str, Any]) -> str:
+    """README's few lines: each part's headline figure, from the run the tables come from."""
+    lat, floor_s = results["latency"], results["floor"]["pipeline"]
+    run, cached = lat["docker"]["trigger to completed"]["median"], results["cached"]["trigger to completed"]["median"]
+    process = lat.get("process", {}).get("trigger to completed")
+    baseline = f"; on process workers {process['median']:.1f} s" if process else ""
+    by_rows = results["sizes"]["file"]
+    biggest = max(by_rows, key=int)
+    done = [s for s in by_rows[biggest] if s["seconds"] is not None]
+    size = (
+        f"{statistics.median(s['seconds'] for s in done):.1f} s, each container's peak memory at most "
+        f"{max(max(s['peak_mb'].values()) for s in done):.0f} MB (the limit is 1 GB)"
+        if done
+        else "failed"
+    )
+    most = max(results["throughput"], key=int)
+    at_once, stopped = results["throughput"][most]["docker"], results["cancel"]
+    lines = [
+        f"- one pipeline run, trigger to completed: {run:.1f} s, {run / floor_s:.2f}x the floor of three fresh "
+        f"containers with their imports ({floor_s:.1f} s){baseline};",
+        f"- a fully cached run: {cached:.1f} s (only its main flow starts);",
+        f"- {int(biggest):,} rows: {size};",
+        f"- {most} runs at once: {at_once['wall']:.0f} s, {at_once['correct']}/{most} correct;",
+        f"- a cancel to every container gone: {stopped[CANCELLED]['median']:.1f} s; a killed main flow's container to "
+        f"every step stopped: {stopped[KILLED]['median']:.1f} s.",
+    ]
+    return measured(results) + "\n\n" + "\n".join(lines) + "\n"
+
+
+def write_into(readme: Path, text: str, slot: tuple[str, str]) -> None:
+    """Replace what is between README's markers `slot` with `text`."""
+    start, end = slot
+    old = readme.read_text()
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    if not pattern.search(old):
+        raise ValueError(f"{readme} has no {start} ... {end} section")
+    readme.write_text(pattern.sub(lambda _: f"{start}\n\n{text}\n{end}", old))

@@ -1,6 +1,6 @@
 """The benchmark works: every stage runs once, at its smallest size, on the e2e tests' stack with the
 process baseline beside it, and writes its results, its charts and its tables. Its figures are
-`make bench`'s business, not this test's."""
+`make bench`'s business, not this test's; the READMEs show those of bench/results.json as generated."""
 
 import json
 
@@ -10,11 +10,20 @@ from bench import report
 from bench.__main__ import run
 from bench.stack import Bench
 from bench.stages import FORMS, STAGES, Plan
+from tests.harness import ROOT
 
-pytestmark = pytest.mark.e2e
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_readmes_show_the_committed_results_as_generated():
+    """What `python -m bench --report bench/results.json` writes is what the READMEs say: no figure typed."""
+    results = json.loads((ROOT / "bench" / "results.json").read_text())
+    assert results["plan"] == "full", "the READMEs show a full `make bench` run"
+    assert report.report(results) in (ROOT / "bench" / "README.md").read_text()
+    assert report.summary(results) in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.e2e
 def test_every_stage_runs_once_and_writes_its_results_charts_and_tables(stack, tmp_path, capsys):
     bench = Bench.on(stack)
     bench.baseline()
@@ -46,14 +55,16 @@ def test_every_stage_runs_once_and_writes_its_results_charts_and_tables(stack, t
         "per-run authority": 5, "shared credential": 5
     }  # fmt: skip
     assert [figures["n"] for figures in results["cancel"].values()] == [1, 1]
-    # Its charts, and a table per figure.
+    # Its charts, a table per figure, and the summary, each written between its markers.
     assert sorted(results["charts"]) == ["cancel.png", "mapped.png", "sizes.png"]
     assert all((tmp_path / name).read_bytes().startswith(PNG) for name in results["charts"])
-    tables = report.report(results)
+    tables, summary = report.report(results), report.summary(results)
     for name, table in report.TABLES.items():
         assert "\n".join(table(results)) in tables, name
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# Benchmark\n\nprose\n\n{report.START}\nold\n{report.END}\n\nmore prose\n")
-    report.write_into(readme, results)
-    text = readme.read_text()
-    assert "old" not in text and tables in text and text.endswith("more prose\n")
+    assert len(summary.splitlines()) == 7 and "1,000 rows: " in summary, summary
+    for text, (start, end) in ((tables, report.TABLES_SLOT), (summary, report.SUMMARY_SLOT)):
+        readme = tmp_path / "README.md"
+        readme.write_text(f"# Benchmark\n\nprose\n\n{start}\nold\n{end}\n\nmore prose\n")
+        report.write_into(readme, text, (start, end))
+        written = readme.read_text()
+        assert "old" not in written and text in written and written.endswith("more prose\n")
