@@ -9,8 +9,11 @@ and bench/README.md's tables and README.md's summary generated from them.
 """
 
 import argparse
+import concurrent.futures
+import contextlib
 import dataclasses
 import json
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,28 +21,42 @@ from typing import Any
 
 from bench import charts, report
 from bench.stack import Bench
-from bench.stages import STAGES, Plan
+from bench.stages import STAGES, Plan, runs_baseline
 
 HERE = Path(__file__).resolve().parent
 TABLES, SUMMARY = HERE / "README.md", HERE.parent / "README.md"
 
 
 def run(bench: Bench, plan: Plan, stages: list[str], out: Path, chart_dir: Path) -> dict[str, Any]:
-    """Run `stages` on `bench`, one after another; write every sample to `out` as each stage ends
-    (what is done survives a failure), then the charts into `chart_dir`."""
+    """Run `stages` on `bench`, one after another (or in the plan's lanes, one after another in
+    each, the lanes at once); write every sample to `out` as each stage ends (what is done survives
+    a failure), then the charts into `chart_dir`."""
     results: dict[str, Any] = {
         "when": datetime.now(UTC).isoformat(),
         "plan": "smoke" if plan == Plan.smoke() else "full" if plan == Plan() else "custom",
         "args": {**dataclasses.asdict(plan), "stages": stages, "designs": bench.designs},
         "seconds": {},
     }
-    for name in stages:
-        print(f"[bench] {name} ...", flush=True)
-        started = time.monotonic()
-        results[name] = STAGES[name](bench, plan)
-        results["seconds"][name] = round(time.monotonic() - started, 1)
-        print(f"[bench] {name}: {results['seconds'][name]:.0f} s", flush=True)
-        out.write_text(json.dumps(results, indent=2, default=str))
+    written = threading.Lock()
+
+    def lane(names: list[str]) -> None:
+        for name in names:
+            print(f"[bench] {name} ...", flush=True)
+            started = time.monotonic()
+            with bench.baseline() if runs_baseline(name, plan) else contextlib.nullcontext():
+                figures = STAGES[name](bench, plan)
+            with written:
+                results[name], results["seconds"][name] = figures, round(time.monotonic() - started, 1)
+                out.write_text(json.dumps(results, indent=2, default=str))
+            print(f"[bench] {name}: {results['seconds'][name]:.0f} s", flush=True)
+
+    lanes = [[name for name in names if name in stages] for names in plan.lanes] if plan.lanes else [stages]
+    if sorted(name for names in lanes for name in names) != sorted(stages):
+        raise ValueError(f"the plan's lanes {plan.lanes} must hold each of {stages} once")
+    with concurrent.futures.ThreadPoolExecutor(len(lanes)) as pool:
+        for done in [pool.submit(lane, names) for names in lanes]:
+            done.result()  # a stage's failure, raised here
+    results["seconds"] = {name: results["seconds"][name] for name in stages}
     results["charts"] = [path.name for path in charts.draw(results, chart_dir)]
     out.write_text(json.dumps(results, indent=2, default=str))
     return results

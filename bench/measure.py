@@ -144,5 +144,5 @@ def idle_cpu(bench: Bench, window_s: float) -> dict[str, float]:
     before, daemon, started = container_cpu(bench), daemon_cpu(), time.monotonic()
     time.sleep(window_s)  # a measurement window, not a wait for anything
     after, daemon, elapsed = container_cpu(bench), daemon_cpu() - daemon, time.monotonic() - started
-    idle = {s: (after[s] - before[s]) / elapsed for s in dict.fromkeys(SERVICES["docker"] + SERVICES["process"])}
+    idle = {s: (after[s] - before[s]) / elapsed for s in after if s in before}  # the baseline's if it is up
     return {**idle, "dockerd and containerd": daemon / elapsed}

@@ -2,10 +2,11 @@
 the test data it serves.
 
 `make bench` brings up a stack of its own (project modular-pipeline-bench), never yours. Its smoke
-(tests/test_benchmark.py) borrows the e2e tests' stack instead, and adds the baseline for as long
-as it runs.
+(tests/test_benchmark.py) borrows the e2e tests' stack instead. Either way, the baseline is up only
+during the stages that run it.
 """
 
+import contextlib
 import dataclasses
 import gzip
 import io
@@ -13,13 +14,15 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolUpdate
 
-from tests.harness import PREFECT, ROOT, SETTINGS, Stack, iris_like, project_copy, write_csv
+from tests.harness import PREFECT, ROOT, SETTINGS, Stack, iris_like, project_copy, wait_for, write_csv
 
 BASELINE = "bench/compose.baseline.yml"
 # The baseline's pools: the same components on process workers (bench/compose.baseline.yml).
@@ -66,37 +69,46 @@ class Bench:
         )
 
     def up(self) -> None:
-        """The whole stack, deployed, then the baseline."""
+        """The whole stack, deployed (the baseline comes up only for the stages that run it)."""
         self.data.chmod(0o755)
         self.stack.down()
         self.stack.up()
         self.stack.deploy()
-        self.baseline()
 
-    def baseline(self) -> None:
-        """The process workers and their deployments, with the docker design's parameters and limits."""
+    @contextlib.contextmanager
+    def baseline(self) -> Iterator[None]:
+        """The process workers and their deployments, with the docker design's parameters and limits,
+        for as long as the block runs: their polls (three workers, each every
+        PREFECT_WORKER_QUERY_SECONDS) cost the server 0.18 CPU-s a second, a load on other stages."""
         # The classic builder, whose cache `prefect deploy`'s builds (docker-py) filled: the same
         # recipe and build args, so no layer is built again (BuildKit has a cache of its own).
         # Only these three: `up --build` would rebuild the running services' images too, and
         # another builder's image ids recreate them.
         self.stack.compose("build", *PROCESS_WORKERS, timeout=1800, DOCKER_BUILDKIT="0")
-        self.stack.compose("up", "-d", "--no-build", "--wait", *PROCESS_WORKERS, timeout=600)
-        self.stack.sh(PREFECT, "--no-prompt", "deploy", "--prefect-file", "bench/prefect.yaml", "--all")
-        with self.stack.api() as client:
-            docker_validate = client.read_deployment_by_name("validate/validate")
-            process_validate = client.read_deployment_by_name("validate/validate-process")
-            client.update_deployment(process_validate.id, DeploymentUpdate(parameters=docker_validate.parameters))
-            limits = {
-                POOLS["BASELINE_FLOW_POOL"]: SETTINGS["FLOW_POOL_LIMIT"],
-                POOLS["BASELINE_VALIDATE_POOL"]: SETTINGS["SUBFLOW_POOL_LIMIT"],
-                POOLS["BASELINE_SUBFLOW_POOL"]: SETTINGS["SUBFLOW_POOL_LIMIT"],
-            }
-            for pool, limit in limits.items():
-                client.update_work_pool(pool, WorkPoolUpdate(concurrency_limit=int(limit)))
+        started = datetime.now(UTC)
+        self.stack.compose("up", "-d", "--no-build", *PROCESS_WORKERS, timeout=600)  # they start while deploy runs
+        try:
+            self.stack.sh(PREFECT, "--no-prompt", "deploy", "--prefect-file", "bench/prefect.yaml", "--all")
+            with self.stack.api() as client:
+                docker_validate = client.read_deployment_by_name("validate/validate")
+                process_validate = client.read_deployment_by_name("validate/validate-process")
+                client.update_deployment(process_validate.id, DeploymentUpdate(parameters=docker_validate.parameters))
+                limits = {
+                    POOLS["BASELINE_FLOW_POOL"]: SETTINGS["FLOW_POOL_LIMIT"],
+                    POOLS["BASELINE_VALIDATE_POOL"]: SETTINGS["SUBFLOW_POOL_LIMIT"],
+                    POOLS["BASELINE_SUBFLOW_POOL"]: SETTINGS["SUBFLOW_POOL_LIMIT"],
+                }
+                for pool, limit in limits.items():
+                    client.update_work_pool(pool, WorkPoolUpdate(concurrency_limit=int(limit)))
 
-    def baseline_down(self) -> None:
-        """Remove the baseline from a borrowed stack: its pools and deployments stay, unpolled."""
-        self.stack.compose("rm", "--stop", "--force", *PROCESS_WORKERS, timeout=300)
+                def polled(pool: str) -> bool:  # since they started: not by a worker of an earlier baseline
+                    workers = client.read_workers_for_work_pool(pool)
+                    return any(w.last_heartbeat_time and w.last_heartbeat_time > started for w in workers)
+
+                wait_for("a process worker on each baseline pool", lambda: all(map(polled, POOLS.values())), 120, 0.2)
+            yield
+        finally:
+            self.stack.compose("rm", "--stop", "--force", *PROCESS_WORKERS, timeout=300)  # pools, deployments stay
 
     def before(self, ref: str) -> None:
         """The main flow as of git `ref` (today's steps and pools), deployed beside today's as main-flow/before."""
