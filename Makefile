@@ -16,8 +16,8 @@ up:  ## On failure, the one-shot services' logs say why
 deploy:
 	$(CLI) prefect deploy --all
 
-run:  ## make run [SOURCE=./sales.csv | s3://... | https://...]; warns if prefect.yaml's steps are not the registered ones
-	docker compose run --rm $(UPLOAD) cli python tools/pipeline.py run $(if $(UPLOAD),/upload/$(notdir $(SOURCE)),$(SOURCE))
+run:  ## make run [PIPELINE=enriched] [SOURCE=./sales.csv | s3://... | https://...]; warns if its steps are not the registered ones
+	docker compose run --rm $(UPLOAD) cli python tools/pipeline.py run --pipeline $(or $(PIPELINE),main) $(if $(UPLOAD),/upload/$(notdir $(SOURCE)),$(SOURCE))
 
 status:  ## make status RUN=<main run id>: each step, live, until the run ends
 	$(CLI) python tools/status.py $(RUN)
@@ -37,14 +37,14 @@ rollback:  ## make rollback C=subflow TAG=<tag from make versions>
 replay:  ## make replay RUN=<main run id>: the same input, the same component images
 	$(CLI) python tools/replay.py $(RUN) --watch
 
-resume:  ## make resume RUN=<main run id>: run it again, reusing every step it completed
-	$(CLI) prefect deployment run main-flow/main --param resume_from=$(RUN) --watch
+resume:  ## make resume RUN=<main run id> [PIPELINE=enriched]: run it again, reusing every step it completed
+	$(CLI) prefect deployment run main-flow/$(or $(PIPELINE),main) --param resume_from=$(RUN) --watch
 
 retention:  ## make retention DAYS=30
 	$(CLI) prefect deployment run retention/retention --param days=$(DAYS) --watch
 
-component: $(BIN)/pytest  ## make component NAME=enrich
-	$(BIN)/python tools/component.py $(NAME)
+component: $(BIN)/pytest  ## make component NAME=enrich [INPUTS=rows:validate,groups:subflow: a step of several inputs]
+	$(BIN)/python tools/component.py $(NAME) $(if $(INPUTS),--inputs $(INPUTS))
 
 $(BIN)/pytest: requirements-dev.lock
 	python3 -m venv $(VENV)

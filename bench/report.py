@@ -135,6 +135,15 @@ def mapped(results: dict[str, Any]) -> list[str]:
     )
 
 
+def diamond(results: dict[str, Any]) -> list[str]:
+    figures = results["diamond"]
+    ratio = figures["diamond"]["median"] / figures["longest path"]["median"]
+    rows = [[figure, fmt(seconds, 1)] for figure, seconds in figures.items()]
+    intro = (f"**A graph**: the `enriched` diamond against its steps in sequence (s); the diamond takes "
+             f"{ratio:.2f}x its longest path (target: at most 1.15x).")  # fmt: skip
+    return [intro, ""] + table(["run", "trigger to completed"], rows)
+
+
 def throughput(results: dict[str, Any]) -> list[str]:
     rows = []
     for n, by in results["throughput"].items():
@@ -175,6 +184,7 @@ TABLES: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "sizes": sizes,
     "formats": formats,
     "mapped": mapped,
+    "diamond": diamond,
     "throughput": throughput,
     "redeploy": redeploy,
     "authority": authority,

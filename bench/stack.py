@@ -21,7 +21,9 @@ from pathlib import Path
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolUpdate
+from prefect.exceptions import PrefectHTTPStatusError
 
+from stepkit import steps_variable
 from tests.harness import PREFECT, ROOT, SETTINGS, Stack, iris_like, project_copy, wait_for, write_csv
 
 BASELINE = "bench/compose.baseline.yml"
@@ -86,10 +88,20 @@ class Bench:
         # another builder's image ids recreate them.
         self.stack.compose("build", *PROCESS_WORKERS, timeout=1800, DOCKER_BUILDKIT="0")
         started = datetime.now(UTC)
-        self.stack.compose("up", "-d", "--no-build", *PROCESS_WORKERS, timeout=600)  # they start while deploy runs
+        self.stack.compose("up", "-d", "--no-build", *PROCESS_WORKERS, timeout=600)
         try:
-            self.stack.sh(PREFECT, "--no-prompt", "deploy", "--prefect-file", "bench/prefect.yaml", "--all")
             with self.stack.api() as client:
+
+                def polled(pool: str) -> bool:  # since they started: not by a worker of an earlier baseline
+                    try:
+                        workers = client.read_workers_for_work_pool(pool)
+                    except PrefectHTTPStatusError:  # no such pool yet
+                        return False
+                    return any(w.last_heartbeat_time and w.last_heartbeat_time > started for w in workers)
+
+                # A worker creates its pool as it starts: the deploy below needs the pools.
+                wait_for("a process worker on each baseline pool", lambda: all(map(polled, POOLS.values())), 120, 0.2)
+                self.stack.sh(PREFECT, "--no-prompt", "deploy", "--prefect-file", "bench/prefect.yaml", "--all")
                 docker_validate = client.read_deployment_by_name("validate/validate")
                 process_validate = client.read_deployment_by_name("validate/validate-process")
                 client.update_deployment(process_validate.id, DeploymentUpdate(parameters=docker_validate.parameters))
@@ -100,12 +112,6 @@ class Bench:
                 }
                 for pool, limit in limits.items():
                     client.update_work_pool(pool, WorkPoolUpdate(concurrency_limit=int(limit)))
-
-                def polled(pool: str) -> bool:  # since they started: not by a worker of an earlier baseline
-                    workers = client.read_workers_for_work_pool(pool)
-                    return any(w.last_heartbeat_time and w.last_heartbeat_time > started for w in workers)
-
-                wait_for("a process worker on each baseline pool", lambda: all(map(polled, POOLS.values())), 120, 0.2)
             yield
         finally:
             self.stack.compose("rm", "--stop", "--force", *PROCESS_WORKERS, timeout=300)  # pools, deployments stay
@@ -121,6 +127,11 @@ class Bench:
             config = project / "prefect.yaml"
             config.write_text(config.read_text().replace("    name: main\n", "    name: before\n", 1))
             self.stack.deploy("before", cwd=project)
+        with self.stack.api() as client:  # the pipeline's steps as a parameter: "before" names no pipeline
+            steps = client.read_variable_by_name(steps_variable("main")).value
+            client.update_deployment(
+                self.stack.deployment("main-flow/before").id, DeploymentUpdate(parameters={"steps": steps})
+            )
         self.designs["before"] = "main-flow/before"
 
     def serve(self, rows: int, form: str = "csv") -> str:

@@ -66,7 +66,7 @@ class Plan:
             # Two lanes, of about equal time. cached and redeploy (it changes subflow's deployment)
             # share one: a cached run must find the image it cached.
             lanes=(
-                ("latency", "cached", "redeploy", "polling", "authority"),
+                ("latency", "cached", "redeploy", "diamond", "polling", "authority"),
                 ("floor", "sizes", "formats", "mapped", "throughput", "cancel"),
             ),
         )  # fmt: skip
@@ -280,6 +280,30 @@ def mapped(bench: Bench, plan: Plan) -> dict[str, Any]:
     return result
 
 
+def diamond(bench: Bench, plan: Plan) -> dict[str, Any]:
+    """prefect.yaml's `enriched` pipeline, a diamond (validate and subflow at once on the input,
+    then a join of both), against the same steps one after another, alternating run by run:
+    trigger to completed, and the diamond's longest path, the sequence less its shorter branch."""
+    sequence = [
+        "validate/validate",
+        "subflow/subflow",
+        {"step": "join/join", "needs": {"rows": "validate", "groups": "subflow"}},
+    ]
+    samples: dict[str, list[float]] = {"diamond": [], "sequence": [], "longest path": []}
+    for _ in range(plan.runs):
+        for design, steps in (("diamond", {}), ("sequence", {"steps": sequence})):
+            run = bench.stack.run("main-flow/enriched", timeout=plan.deadline, **steps)
+            output = bench.stack.output(run) if run.state.is_completed() else {}
+            assert output and output["results"]["join/join"]["summary"][0]["rows"] == 150, (design, run.state)
+            samples[design].append(trigger_to_completed(bench, run))
+            if design == "sequence":
+                with bench.stack.api() as client:
+                    branches = [timestamps(client, output["results"][s]["flow_run_id"]) for s in sequence[:2]]
+                shorter = min(t["COMPLETED"] - t["SCHEDULED"] for t in branches)
+                samples["longest path"].append(samples["sequence"][-1] - shorter)
+    return {figure: spread(xs) for figure, xs in samples.items()}
+
+
 def throughput(bench: Bench, plan: Plan) -> dict[str, Any]:
     """N pipeline runs created at once, per design: wall time, all correct, 503s in the server's
     log, and the CPU each run cost."""
@@ -426,6 +450,7 @@ STAGES: dict[str, Callable[[Bench, Plan], Any]] = {
     "sizes": sizes,
     "formats": formats,
     "mapped": mapped,
+    "diamond": diamond,
     "throughput": throughput,
     "redeploy": redeploy,
     "authority": authority,

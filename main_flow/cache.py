@@ -34,12 +34,22 @@ class Entry(TypedDict):
     signature: str
 
 
-def key(step: str, image: str, parameters: dict[str, Any], inputs: list[str]) -> str | None:
-    """The cache key of `step` run by `image` on `inputs` (sha256s) with `parameters`; None, so
-    not cached, unless the image is pinned by digest (a tag can move)."""
+def key(
+    step: str, image: str, parameters: dict[str, Any], inputs: list[str], pipeline: str | None = None
+) -> str | None:
+    """The cache key of `step` run by `image` on `inputs` (sha256s) with `parameters` in
+    `pipeline` (a pipeline reads only its own runs' data: the workers mount no other's); None,
+    so not cached, unless the image is pinned by digest (a tag can move)."""
     if "@sha256:" not in image:
         return None
-    parts = {"step": step, "image": image, "parameters": parameters, "inputs": inputs, "wire": WIRE}
+    parts = {
+        "step": step,
+        "image": image,
+        "parameters": parameters,
+        "inputs": inputs,
+        "wire": WIRE,
+        "pipeline": pipeline,
+    }
     canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -99,6 +109,7 @@ class Policy:
     off: frozenset[str] = frozenset()  # `cache: false` in the steps
     resume_from: str | None = None  # its own entries are reused even where `cache: false`
     verified: set[tuple[str, str]] = field(default_factory=set)  # outputs this run's lookups read in full
+    pipeline: str | None = None  # its main run's deployment: entries are the pipeline's own
 
     def lookup(self, step: str, key: str | None) -> Entry | None:
         if key is None or self.refresh == ALL or step in self.refresh:

@@ -10,17 +10,17 @@ from uuid import UUID
 from prefect import flow, get_client, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import ObjectNotFound
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from pydantic import Field
 
 # Package imports: Prefect loads this file as module `main_flow` with this directory on its path.
 from main_flow import cache
 from main_flow.bounds import BOUNDS
 from main_flow.ingest import ingest
-from main_flow.plan import registered_steps, step_groups, step_options, uncached
+from main_flow.plan import registered_steps
 from main_flow.progress import Progress
 from main_flow.sources import Settings, identity
-from main_flow.steps import Limits, run_steps
+from main_flow.steps import Limits, run_graph
 from stepkit import (
     DataRef,
     RunLayout,
@@ -34,6 +34,7 @@ from stepkit import (
     usage,
     verify,
 )  # fmt: skip
+from stepkit.graph import graph_of, order, uncached
 from stepkit.layout import confined, runs_root
 
 # What determines a run's results: what `resume_from` takes from the run it resumes. Limits and
@@ -70,21 +71,25 @@ def main_flow(
     if foreign := sorted(i for i in (images or {}).values() if not i.startswith(f"{registry}/")):
         raise ValueError(f"images {foreign} are not of this platform's registry {registry}")
     steps = steps if steps is not None else registered_steps()
-    groups, options = step_groups(steps), step_options(steps)
+    graph = graph_of(steps)
+    order(graph)  # a cycle is refused before anything runs
     layout = RunLayout.of(flow_run.id)
-    refresh = cache.checked(refresh, {name for group in groups for name in group})
-    policy = cache.Policy(str(flow_run.id), refresh, uncached(options), str(resume_from) if resume_from else None)
-    with Progress(flow_run.id, [name for group in groups for name in group]) as progress:
+    refresh = cache.checked(refresh, set(graph))
+    resuming = str(resume_from) if resume_from else None
+    policy = cache.Policy(str(flow_run.id), refresh, uncached(graph), resuming, pipeline=deployment.name)
+    with Progress(flow_run.id, {name: node.needs for name, node in graph.items()}) as progress:
         data, cached = input_of(source, data, image, policy, layout, progress, max_bytes, max_columns, part_rows,
                                 fetch_timeout_s)  # fmt: skip
         limits = Limits(step_timeout_s, partitions_at_once)
-        results = run_steps(groups, options, data, layout, images or {}, limits, policy, progress)
+        results = run_graph(graph, data, layout, images or {}, limits, policy, progress)
         cached |= {name: result["cached_from"] for name, result in results.items() if "cached_from" in result}
         output = {
             "main_flow_run_id": str(flow_run.id),
+            "pipeline": policy.pipeline,  # its deployment's name; None for a run not of a deployment
             "main_image": image,
             "source": redact(source),
             "steps": steps,
+            "graph": {name: node.needs for name, node in graph.items()},  # input -> the step it reads
             "input": data,
             "results": results,
             "cached": cached,
@@ -125,7 +130,7 @@ def input_of(
         settings = Settings()
         found = identity(source, settings, fetch_timeout_s)
         own = {"source": found, "max_columns": max_columns, "part_rows": part_rows}
-        key = cache.key(cache.INGEST, image, own, []) if found else None
+        key = cache.key(cache.INGEST, image, own, [], policy.pipeline) if found else None
         if entry := policy.lookup(cache.INGEST, key):
             data, cached[cache.INGEST] = entry["result"]["output"], entry["run"]
         else:
@@ -142,7 +147,7 @@ def input_of(
     )  # fmt: skip
     seconds = round(time.monotonic() - started, 1)
     progress.update(cache.INGEST, state="Cached" if cached else "Completed", rows=data["rows"], seconds=seconds,
-                    cached=bool(cached), partitions=1)  # fmt: skip
+                    cached=bool(cached), partitions=1, image=image)  # fmt: skip
     progress.publish()
     return data, cached
 
@@ -154,8 +159,15 @@ def resumed(run_id: UUID) -> dict[str, Any]:
             past = client.read_flow_run(run_id)
         except ObjectNotFound:
             raise ValueError(f"resume_from {run_id}: no such flow run") from None
-        if past.flow_id != client.read_flow_run(flow_run.id).flow_id:
+        current = client.read_flow_run(flow_run.id)
+        if past.flow_id != current.flow_id:
             raise ValueError(f"resume_from {run_id}: run {past.name!r} is not a main-flow run")
+        if past.deployment_id != current.deployment_id:  # its steps and its cache are its pipeline's
+            theirs = client.read_deployment(past.deployment_id).name if past.deployment_id else None
+            raise ValueError(
+                f"resume_from {run_id}: run {past.name!r} is of pipeline {theirs!r}, not {deployment.name!r}: "
+                f"make resume RUN={run_id} PIPELINE={theirs}"
+            )
     if past.state is None or not past.state.is_final():
         state = past.state.name if past.state else "not started"
         raise ValueError(f"resume_from {run_id}: run {past.name!r} is still {state}; resume a run that has ended")

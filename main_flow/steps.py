@@ -1,9 +1,12 @@
-"""Running the plan (plan.py): each step a child flow run of its deployment, started with
-run_deployment() on a reference, waited for on the server's event stream, its result checked;
-a mapped step one child run per partition of its input, their outputs gathered as one dataset;
-or, when a cache key is unchanged, an earlier run's result reused (main_flow/cache.py)."""
+"""Running the graph (graph.py): each step a child flow run of its deployment, started with
+run_deployment() on references once the steps it needs completed, waited for on the server's
+event stream, its result checked; a mapped step one child run per partition of its input, their
+outputs gathered as one dataset; or, when a cache key is unchanged, an earlier run's result
+reused (main_flow/cache.py)."""
 
 import asyncio
+import concurrent.futures
+import contextvars
 import json
 import time
 from collections.abc import Callable
@@ -29,16 +32,17 @@ from main_flow import cache
 from main_flow.plan import PipelineError, partitions
 from main_flow.progress import Progress
 from stepkit import (
+    DATA,
     STEP_RESULT,
     DataRef,
     RunLayout,
-    StepOptions,
     WireMismatch,
     check_wire,
     dataset_of,
     parts_of,
     result_uri,
 )  # fmt: skip
+from stepkit.graph import INGEST, Graph, Node, dependents
 
 log = get_logger("steps")  # under prefect.*: in a flow run, its records reach the run's log
 SAFETY_READ_S = 5.0  # reads of the steps' runs besides the event stream, should an event be lost
@@ -48,7 +52,7 @@ RETRIES = 2  # of a step that Crashed, unless its options say otherwise
 
 @dataclass(frozen=True)
 class Limits:
-    """How long a group of steps may take, and how many partitions of a mapped step run at once."""
+    """How long a step may take, and how many partitions of a mapped step run at once."""
 
     timeout_s: float
     at_once: int
@@ -59,19 +63,22 @@ class ChildRun:
     """One child run to make: a step, or one partition of a mapped step, on its input."""
 
     step: str
-    data: DataRef
+    inputs: dict[str, DataRef]  # by input name: `data`, or a step's named inputs
     out: str
     partition: int | None = None  # None: the step is not mapped
     of: int = 1
     retries: int = RETRIES
 
+    @property
+    def rows(self) -> int:
+        return sum(ref["rows"] for ref in self.inputs.values())
+
     def __str__(self) -> str:
         return self.step if self.partition is None else f"{self.step} partition {self.partition + 1} of {self.of}"
 
 
-def run_group(
-    group: list[str],
-    options: dict[str, StepOptions],
+def run_graph(
+    graph: Graph,
     data: DataRef,
     layout: RunLayout,
     images: dict[str, str],
@@ -79,40 +86,79 @@ def run_group(
     policy: cache.Policy,
     progress: Progress,
 ) -> dict[str, dict[str, Any]]:
-    """Run the steps of a group at once on `data` (a mapped step as one run per partition),
-    reusing cached results; results by deployment name."""
-    began = time.monotonic()
-    tasks: list[ChildRun] = []
-    for name in group:
-        option = options.get(name, StepOptions(step=name))
-        mapped, retries = partitions(data, option), option.get("retries", RETRIES)
-        if mapped is None:
-            tasks.append(ChildRun(name, data, layout.step(name), retries=retries))
-        else:
-            tasks += [ChildRun(name, d, layout.step(name, i), i, len(mapped), retries) for i, d in enumerate(mapped)]
-    deployments = {name: deployment(name) for name in group}
-    keyed = {name: images.get(name) or deployments[name].job_variables.get("image", "") for name in group}
-    keys = {task: step_key(task.step, deployments[task.step], task.data, keyed[task.step]) for task in tasks}
-    hits = {task: entry for task in tasks if (entry := policy.lookup(task.step, keys[task]))}
+    """Run each step of `graph` once every step it needs has completed, on their outputs (the
+    ingest's, `data`, where it needs none): independent branches at once. A failed step stops
+    only the steps that need it; the others finish and are cached, and the run then fails naming
+    every failure. Results by step, in the graph's order."""
+    results: dict[str, dict[str, Any]] = {}
+    failures: list[Exception] = []
+    stopped: set[str] = set()
+    # Each step in a thread that carries the flow run's context: its child runs stay this run's children.
+    with concurrent.futures.ThreadPoolExecutor(len(graph) or 1) as pool:
+        running: dict[concurrent.futures.Future[dict[str, Any]], str] = {}
+        while True:
+            for name, node in graph.items():
+                needs = node.needs.values()
+                if name not in {*results, *stopped, *running.values()} and set(needs) <= {INGEST, *results}:
+                    inputs = {i: data if n == INGEST else results[n]["output"] for i, n in node.needs.items()}
+                    step = contextvars.copy_context().run
+                    running[pool.submit(step, run_node, node, inputs, layout, images, limits, policy, progress)] = name
+            if not running:
+                break
+            done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                name = running.pop(future)
+                try:
+                    results[name] = future.result()
+                except Exception as exc:  # noqa: BLE001 (named below, with every other failure)
+                    failures.append(exc)
+                    if after := dependents(graph, name):
+                        failures.append(PipelineError(f"steps {after} not started: they need {name}"))
+                    stopped |= {name, *after}
+    if failures:
+        raise PipelineError("; ".join(map(str, failures))) from failures[0]
+    return {name: results[name] for name in graph}
+
+
+def run_node(
+    node: Node,
+    inputs: dict[str, DataRef],
+    layout: RunLayout,
+    images: dict[str, str],
+    limits: Limits,
+    policy: cache.Policy,
+    progress: Progress,
+) -> dict[str, Any]:
+    """Run one step on its inputs (a mapped step as one run per partition of its one input),
+    reusing cached results."""
+    began, name, option = time.monotonic(), node.step, node.options
+    (one, data), retries = next(iter(inputs.items())), option.get("retries", RETRIES)
+    mapped = partitions(data, option)  # graph.py maps only a step of one input
+    if mapped is None:
+        tasks = [ChildRun(name, inputs, layout.step(name), retries=retries)]
+    else:
+        tasks = [ChildRun(name, {one: d}, layout.step(name, i), i, len(mapped), retries) for i, d in enumerate(mapped)]
+    step = deployment(name)
+    keyed = images.get(name) or step.job_variables.get("image", "")
+    keys = {task: step_key(name, step, task.inputs, keyed, policy.pipeline) for task in tasks}
+    hits = {task: entry for task in tasks if (entry := policy.lookup(name, keys[task]))}
     for task, entry in hits.items():
         get_run_logger().info("step %s: cached from run %s, not started", task, entry["run"])
-    for name in group:
-        own = [task for task in tasks if task.step == name]
-        progress.update(name, partitions=len(own), cached=all(task in hits for task in own), rows=data["rows"])
+    progress.update(name, partitions=len(tasks), cached=len(hits) == len(tasks), rows=sum(t.rows for t in tasks),
+                    image=keyed)  # fmt: skip
     progress.publish()
     results = {task: {**entry["result"], "cached_from": entry["run"]} for task, entry in hits.items()}
-    started = [task for task in tasks if task not in hits]
 
     def record(task: ChildRun, result: dict[str, Any]) -> None:
         # A deploy between the run's creation and its container's start changes the image it runs:
         # its result is then not the key's, and caching it would serve it for the older image.
-        if result.get("image") == keyed[task.step]:
-            policy.record(task.step, keys[task], result)
+        if result.get("image") == keyed:
+            policy.record(name, keys[task], result)
         else:
-            get_run_logger().warning("step %s ran %s, not %s: not cached", task, result.get("image"), keyed[task.step])
+            get_run_logger().warning("step %s ran %s, not %s: not cached", task, result.get("image"), keyed)
 
-    results |= run_tasks(started, images, limits, record)
-    return {name: gathered(name, [t for t in tasks if t.step == name], results, began) for name in group}
+    results |= run_tasks([task for task in tasks if task not in hits], images, limits, record)
+    return gathered(name, tasks, results, began)
 
 
 def gathered(name: str, tasks: list[ChildRun], results: dict[ChildRun, dict[str, Any]], began: float) -> dict[str, Any]:
@@ -125,7 +171,7 @@ def gathered(name: str, tasks: list[ChildRun], results: dict[ChildRun, dict[str,
         "summary": [
             {
                 "partition": t.partition + 1,
-                "rows": t.data["rows"],
+                "rows": t.rows,
                 "run": r.get("cached_from") or r["flow_run_id"],
                 "cached": "cached_from" in r,
             }
@@ -136,7 +182,7 @@ def gathered(name: str, tasks: list[ChildRun], results: dict[ChildRun, dict[str,
         ),
         "image": done[0]["image"],
         "partitions": done,
-        "seconds": round(time.monotonic() - began, 3),  # wall time, from the group's start to its end
+        "seconds": round(time.monotonic() - began, 3),  # wall time, from the step's start to its end
     }
     if all("cached_from" in r for r in done):
         result["cached_from"] = done[0]["cached_from"]
@@ -203,18 +249,21 @@ def deployment(name: str) -> DeploymentResponse:
             ) from exc
 
 
-def step_key(name: str, step: DeploymentResponse, data: DataRef, image: str) -> str | None:
-    """The cache key of step `name` on `data`: the image it runs (its deployment's, or one a replay
-    pins) and its deployment's parameters."""
-    return cache.key(name, image, step.parameters, [data["sha256"]])
+def step_key(
+    name: str, step: DeploymentResponse, inputs: dict[str, DataRef], image: str, pipeline: str | None
+) -> str | None:
+    """The cache key of step `name` on `inputs` in `pipeline`: the image it runs (its
+    deployment's, or one a replay pins) and its deployment's parameters."""
+    hashes = [ref["sha256"] if i == DATA else f"{i}:{ref['sha256']}" for i, ref in sorted(inputs.items())]
+    return cache.key(name, image, step.parameters, hashes, pipeline)
 
 
 def start_step(task: ChildRun, attempt: int, image: str | None) -> FlowRun:
     """Create the child run of one step's `attempt`; `image` pins its image (a replay)."""
     return run_deployment(
         task.step,
-        parameters={"data": task.data, "out": task.out},
-        timeout=0,  # return at once: until_final waits for the whole group
+        parameters={**task.inputs, "out": task.out},
+        timeout=0,  # return at once: until_final waits for the step's runs
         job_variables={"image": image} if image else None,
         tags=[f"attempt-{attempt}"] if attempt > 1 else None,
         # Should the server answer the create only after it restarts, the client's retry gets
@@ -312,28 +361,9 @@ def step_result(task: ChildRun, run: FlowRun) -> dict[str, Any]:
         check_wire(result["output"], "the main flow")
     except WireMismatch as exc:
         raise PipelineError(f"step {task} (run {run.name!r}): {exc}") from exc
-    inputs = {part["uri"] for part in parts_of(task.data)}
+    inputs = {part["uri"] for ref in task.inputs.values() for part in parts_of(ref)}
     for part in parts_of(result["output"]):  # its own output, or its input passed on: nothing else
         if part["uri"] not in inputs and not part["uri"].startswith(f"{task.out.rstrip('/')}/"):
             raise PipelineError(f"step {task} (run {run.name!r}) returned {part['uri']}, outside its output directory")
     image = next((tag.removeprefix("image:") for tag in run.tags if tag.startswith("image:")), "unknown")
     return {**result, "image": image, "flow_run_id": str(run.id)}
-
-
-def run_steps(
-    groups: list[list[str]],
-    options: dict[str, StepOptions],
-    data: DataRef,
-    layout: RunLayout,
-    images: dict[str, str],
-    limits: Limits,
-    policy: cache.Policy,
-    progress: Progress,
-) -> dict[str, dict[str, Any]]:
-    """Run the groups one after another, each on the previous group's first output."""
-    results: dict[str, dict[str, Any]] = {}
-    for group in groups:
-        done = run_group(group, options, data, layout, images, limits, policy, progress)
-        results.update(done)
-        data = done[group[0]]["output"]  # after a parallel group, its first step's output
-    return results

@@ -8,8 +8,8 @@ import pytest
 from pydantic import TypeAdapter, ValidationError
 
 from main_flow import cache
-from main_flow.plan import step_groups, step_options, uncached
 from stepkit import Steps, signature, write_parquet
+from stepkit.graph import GraphError, graph_of, uncached
 
 IMAGE = "127.0.0.1:5000/subflow@sha256:" + "a" * 64
 KEY = {"step": "subflow/subflow", "image": IMAGE, "parameters": {"a": 1, "b": [1, 2]}, "inputs": ["f" * 64]}
@@ -23,6 +23,7 @@ def test_the_key_changes_with_each_of_its_parts_and_only_with_them(monkeypatch):
         {"image": IMAGE.replace("a" * 64, "b" * 64)},
         {"parameters": {"a": 2, "b": [1, 2]}},
         {"inputs": ["e" * 64]},
+        {"pipeline": "enriched"},  # a pipeline reads only its own runs' data
     ]
     keys = {cache.key(**{**KEY, **change}) for change in changed}
     monkeypatch.setattr(cache, "WIRE", cache.WIRE + 1)
@@ -113,15 +114,14 @@ def test_refresh_opt_out_and_resume_decide_who_reuses(entry):
 def test_steps_take_options_and_refuse_unknown_ones():
     steps = ["a/a", {"step": "b/b", "cache": False}, [{"step": "c/c", "partitions": 4}, "d/d"]]
     assert TypeAdapter(Steps).validate_python(steps) == steps
-    assert step_groups(steps) == [["a/a"], ["b/b"], ["c/c", "d/d"]]
-    assert uncached(step_options(steps)) == {"b/b"}
-    assert step_options(steps)["c/c"] == {"step": "c/c", "partitions": 4}
+    assert uncached(graph_of(steps)) == {"b/b"}
+    assert graph_of(steps)["c/c"].options == {"step": "c/c", "partitions": 4}
     with pytest.raises(ValidationError, match="cahce"):
         TypeAdapter(Steps).validate_python([{"step": "b/b", "cahce": False}])
     with pytest.raises(ValidationError, match="greater than or equal to 1"):
         TypeAdapter(Steps).validate_python([{"step": "b/b", "partitions": 0}])
-    with pytest.raises(ValueError, match=r"steps \['b/b'\]: give partitions or rows_per_partition, not both"):
-        step_options([{"step": "b/b", "partitions": 2, "rows_per_partition": 10}])
+    with pytest.raises(GraphError, match=r"steps \['b/b'\]: give partitions or rows_per_partition, not both"):
+        graph_of([{"step": "b/b", "partitions": 2, "rows_per_partition": 10}])
 
 
 def test_refresh_names_only_steps_of_the_run():

@@ -4,6 +4,7 @@ server on loopback and a real S3 endpoint (moto's server), no Docker."""
 import gzip
 import hashlib
 import http.server
+import json
 import re
 import socket
 import subprocess
@@ -18,12 +19,15 @@ import pytest
 import s3fs
 from prefect import flow, get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterId
-from prefect.states import Crashed, Failed
+from prefect.runtime import flow_run
+from prefect.states import Completed, Crashed, Failed
 
 from conftest import IRIS
+from main_flow import cache, plan, sources, steps
 from main_flow import ingest as component
-from main_flow import plan, sources, steps
-from stepkit import WIRE, DataRef, dataset_of, parts_of, verify
+from main_flow.progress import Progress
+from stepkit import WIRE, DataRef, RunLayout, atomic_write, dataset_of, parts_of, result_uri, verify, write_parquet
+from stepkit.graph import graph_of
 
 
 def settings(**values) -> sources.Settings:
@@ -286,14 +290,6 @@ def test_an_unreachable_store_fails_the_ingest_after_two_retries_naming_it(prefe
     assert ingested.run_count == 3  # retries=2: the store may come back; bad data would not
 
 
-def test_steps_are_checked_before_anything_runs():
-    assert plan.step_groups(["a/a", ["b/b", "c/c"]]) == [["a/a"], ["b/b", "c/c"]]
-    with pytest.raises(ValueError, match=r"each step once.*repeated: \['a/a'\]"):
-        plan.step_groups(["a/a", ["b/b", "a/a"]])
-    with pytest.raises(ValueError, match="no empty groups"):
-        plan.step_groups([[]])
-
-
 @pytest.mark.parametrize(
     ("outcomes", "message"),
     [
@@ -321,7 +317,7 @@ def test_a_crashed_step_starts_again_up_to_its_retries_a_failed_one_never(prefec
 
     @flow
     def main() -> None:
-        task = steps.ChildRun(name, {"uri": "file:///nowhere", "rows": 1}, "out")
+        task = steps.ChildRun(name, {"data": {"uri": "file:///nowhere", "rows": 1}}, "out")
         steps.run_tasks([task], {}, steps.Limits(timeout_s=60, at_once=1), lambda *_: None)
 
     threading.Thread(target=worker, daemon=True).start()
@@ -331,6 +327,49 @@ def test_a_crashed_step_starts_again_up_to_its_retries_a_failed_one_never(prefec
     assert [run.tags for run in sorted(played, key=lambda run: run.created)] == [
         [f"attempt-{n}"] if n > 1 else [] for n in range(1, len(outcomes) + 1)
     ]
+
+
+def test_a_failed_step_stops_only_the_steps_that_need_it(prefect_api, run_dir):
+    """The real server; the test plays the workers: `fails` ends Failed, `beside` (its own branch)
+    completes with its input passed on, and `after`, which needs `fails`, is never started."""
+    outcomes = {"fails/graph": Failed(message="bad row"), "beside/graph": Completed(), "after/graph": Completed()}
+    with get_client(sync_client=True) as client:
+        for name in outcomes:
+            client.create_deployment(client.create_flow_from_name(name.split("/")[0]), "graph")
+        ids = {client.read_deployment_by_name(name).id: name for name in outcomes}
+    ours = DeploymentFilter(id=DeploymentFilterId(any_=list(ids)))
+    stored = write_parquet(pa.table({"a": [1, 2]}), f"file://{run_dir}/input.parquet")
+    played, finished = set(), threading.Event()
+
+    def workers() -> None:
+        with get_client(sync_client=True) as client:
+            while not finished.is_set():
+                for run in client.read_flow_runs(deployment_filter=ours):
+                    if run.id not in played:
+                        played.add(run.id)
+                        with atomic_write(result_uri(run.parameters["out"])) as file:  # its input, passed on
+                            result = {"output": run.parameters["data"], "summary": [], "report": "", "image": "-"}
+                            file.write(json.dumps(result).encode())
+                        client.set_flow_run_state(run.id, outcomes[ids[run.deployment_id]], force=True)
+                time.sleep(0.05)
+
+    @flow
+    def main() -> None:
+        graph = graph_of(
+            ["fails/graph", {"step": "beside/graph", "needs": []}, {"step": "after/graph", "needs": ["fails"]}]
+        )
+        with Progress(flow_run.id, {n: node.needs for n, node in graph.items()}) as progress:
+            steps.run_graph(graph, stored, RunLayout.of("r1"), {}, steps.Limits(60, 1), cache.Policy("r1"), progress)
+
+    threading.Thread(target=workers, daemon=True).start()
+    state = main(return_state=True)
+    finished.set()
+    assert state.is_failed()
+    assert "step fails/graph (run " in state.message and "ended Failed: bad row" in state.message, state.message
+    assert "steps ['after/graph'] not started: they need fails/graph" in state.message, state.message
+    with get_client(sync_client=True) as client:
+        runs = {ids[run.deployment_id]: run.state.name for run in client.read_flow_runs(deployment_filter=ours)}
+    assert runs == {"fails/graph": "Failed", "beside/graph": "Completed"}  # after/graph: never created
 
 
 def deployment_named(client, name: str) -> DeploymentFilter:

@@ -9,9 +9,12 @@ keeps the kit it was built with.
 """
 
 from stepkit.contract import (
+    DATA,
     PIPELINE_STEPS,
     STEP_RESULT,
     WIRE,
+    Columns,
+    Contract,
     DataRef,
     Part,
     Step,
@@ -21,16 +24,18 @@ from stepkit.contract import (
     Steps,
     WireMismatch,
     check_wire,
+    steps_variable,
 )  # fmt: skip
 from stepkit.layout import RefusedReference, RunLayout, redact
 from stepkit.step import Dataset, Out, Output, StepFailed, batches, component_image, result_uri, step, usage
 from stepkit.store import atomic_write, dataset_of, parts_of, verify, write_parquet
 
-__version__ = "3.0.0"  # see README, "The step kit": which changes need every component redeployed
+__version__ = "3.1.0"  # see README, "The step kit": which changes need every component redeployed
 
 __all__ = [
-    "PIPELINE_STEPS", "STEP_RESULT", "WIRE", "DataRef", "Dataset", "Out", "Output", "Part", "RefusedReference",
-    "RunLayout", "StepFailed", "Step", "StepName", "StepOptions", "StepResult", "Steps", "WireMismatch",
+    "DATA", "PIPELINE_STEPS", "STEP_RESULT", "WIRE", "Columns", "Contract", "DataRef", "Dataset", "Out", "Output",
+    "Part", "RefusedReference", "RunLayout", "StepFailed", "Step", "StepName", "StepOptions", "StepResult", "Steps",
+    "WireMismatch",
     "atomic_write", "check_wire", "batches", "component_image", "dataset_of", "parts_of", "redact", "result_uri",
-    "step", "usage", "verify", "write_parquet",
+    "step", "steps_variable", "usage", "verify", "write_parquet",
 ]  # fmt: skip

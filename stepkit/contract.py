@@ -1,5 +1,6 @@
 """What travels between components: a reference to a stored object, and a step's result."""
 
+from dataclasses import dataclass, field
 from typing import Annotated, Any, NotRequired
 
 from pydantic import ConfigDict, Field, with_config
@@ -10,8 +11,11 @@ from typing_extensions import TypedDict  # pydantic needs it for parameters on P
 WIRE = 3  # 2: a DataRef can be a dataset of parts; 3: a step's result is its out/result.json
 
 # A step is its deployment's full name, `flow/deployment`: what run_deployment() takes. A
-# pipeline is a list of steps run one after another; a list inside runs its steps at once.
+# pipeline is a list of steps run one after another, a list inside at once; or a graph, each step
+# naming the steps it `needs` (stepkit/graph.py).
 StepName = Annotated[str, Field(pattern=r"^[\w.-]+/[\w.-]+$")]
+DATA = "data"  # a step's input when it takes one; a step of several names them
+Columns = dict[str, str]  # column -> its Arrow type, as pyarrow writes it (double, int64, string, ...)
 
 
 @with_config(ConfigDict(extra="forbid"))  # a misspelt option is an error, not a silent default
@@ -26,12 +30,43 @@ class StepOptions(TypedDict):
     # Start the step again after it Crashed (its container died or never reached the API), never
     # after it Failed (bad data, a bug): at most this many times (default 2).
     retries: NotRequired[Annotated[int, Field(ge=0, le=10)]]
+    # The steps whose outputs it reads (a step's full name or its flow's name): one, as `data`, or
+    # several, named after their steps or by a mapping, e.g. {left: subflow, right: stats}.
+    needs: NotRequired[list[str] | dict[Annotated[str, Field(pattern=r"^\w+$")], str]]
 
 
 Step = StepName | StepOptions
 Steps = list[Step | list[Step]]
-# The Prefect Variable that holds the pipeline's steps as last deployed (tools/deploy/steps.py).
+# The Prefect Variables that hold each pipeline's steps as last deployed (tools/deploy/steps.py),
+# named after the pipeline: its main-flow deployment's name.
 PIPELINE_STEPS = "pipeline-steps"
+PIPELINE_NAME = r"^[a-z0-9][a-z0-9_-]*$"  # as Prefect names Variables
+
+
+def steps_variable(pipeline: str) -> str:
+    """The Variable that holds `pipeline`'s steps, e.g. pipeline-steps-main."""
+    return f"{PIPELINE_STEPS}-{pipeline}"
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What a step takes and gives: its inputs' names, the columns each requires, and the columns
+    of its output (None: not declared, so checked only where it runs)."""
+
+    inputs: tuple[str, ...] = (DATA,)
+    requires: dict[str, Columns] = field(default_factory=dict)
+    produces: Columns | None = None
+
+    @classmethod
+    def of(
+        cls, inputs: list[str], requires: Columns | dict[str, Columns] | None, produces: Columns | None
+    ) -> "Contract":
+        """A contract as `@step` declares it: `requires` by input, or its columns alone for a step of one input."""
+        alone = requires is not None and all(isinstance(kind, str) for kind in requires.values())
+        by_input: dict[str, Columns] = {inputs[0]: requires} if alone else dict(requires or {})  # type: ignore[dict-item]
+        if unknown := sorted(set(by_input) - set(inputs)):
+            raise TypeError(f"requires names {unknown}, which are not among the step's inputs {inputs}")
+        return cls(tuple(inputs), by_input, produces)
 
 
 class Part(TypedDict):

@@ -24,6 +24,7 @@ class Planned(TypedDict):
     rows: NotRequired[int]  # its input's
     state: NotRequired[str]
     seconds: NotRequired[float]
+    image: NotRequired[str]  # what it runs, by digest
 
 
 class Row(TypedDict):
@@ -118,3 +119,20 @@ def text(table: list[Row]) -> list[str]:
     grid = [list(COLUMNS), *(cells(row) for row in table)]
     widths = [max(len(line[i]) for line in grid) for i in range(len(COLUMNS))]
     return ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in grid]
+
+
+def mermaid(table: list[Row], plan: list[Planned], needs: dict[str, dict[str, str]]) -> str:
+    """The run's graph as a Mermaid chart: each step with its state, cached or not, rows, seconds
+    and image digest; each edge from the step whose output it carries, named if the input is."""
+    ids = {row["step"]: f"s{i}" for i, row in enumerate(table)}
+    images = {step["step"]: step.get("image", "") for step in plan}
+    lines = ["```mermaid", "graph LR"]
+    for row in table:
+        _, state, _, _, rows, seconds, cached = cells(row)
+        digest = images[row["step"]].partition("@")[2][:19]  # sha256: and 12 hex digits
+        facts = [f"{state}, cached" if cached == "yes" and state != "Cached" else state, digest]
+        facts[1:1] = [f"{rows} rows"] * (rows != "-") + [f"{seconds} s"] * (seconds != "-")
+        lines.append(f'  {ids[row["step"]]}["{row["step"]}<br/>{"<br/>".join(f for f in facts if f)}"]')
+    for step, inputs in needs.items():
+        lines += [f"  {ids[n]} -->{'' if i == 'data' else f'|{i}|'} {ids[step]}" for i, n in inputs.items()]
+    return "\n".join([*lines, "```"])

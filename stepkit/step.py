@@ -1,5 +1,5 @@
-"""The `@step` decorator: a function of (input dataset, own parameters) becomes a Prefect flow
-with the contract's signature (`data`, `out`, own parameters) and result."""
+"""The `@step` decorator: a function of (input datasets, own parameters) becomes a Prefect flow
+with the contract's signature (`data` or named inputs, `out`, own parameters) and result."""
 
 import inspect
 import json
@@ -12,10 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
-from prefect.flows import Flow
 from prefect.runtime import flow_run
 
-from stepkit.contract import DataRef, StepResult, check_wire
+from stepkit.contract import DATA, Columns, Contract, DataRef, StepResult, check_wire
 from stepkit.layout import RefusedReference, RunLayout, confined, run_id_of, runs_root
 from stepkit.store import VerifyingReader, atomic_write, open_verified, parts_of, write_parquet
 
@@ -88,6 +87,12 @@ class Dataset:
                 raise ValueError(f"part {part['uri']} has the schema {parquet.schema_arrow}, not the first part's")
             yield from batches(parquet, max_bytes)
 
+    def read(self) -> "pa.Table":
+        """The whole dataset as one table: for inputs that fit in memory (say, a join's sides)."""
+        import pyarrow as pa
+
+        return pa.Table.from_batches(list(self.batches()), schema=self.schema)
+
     def _parquet(self, i: int) -> "pq.ParquetFile":
         import pyarrow.parquet as pq
 
@@ -102,13 +107,14 @@ class Dataset:
 class Out:
     """Where the step writes its outputs (the `out` of the contract)."""
 
-    def __init__(self, uri: str, data: Dataset):
-        self.uri, self._data = uri.rstrip("/"), data
+    def __init__(self, uri: str, *inputs: Dataset):
+        self.uri, self._inputs = uri.rstrip("/"), inputs
 
     def write_table(self, table: "pa.Table", name: str) -> DataRef:
-        """Store `table` as Parquet at out/`name`, atomically; its reference. The input is
+        """Store `table` as Parquet at out/`name`, atomically; its reference. The inputs are
         verified first, so nothing is written from an input that does not match its reference."""
-        self._data.finish()
+        for data in self._inputs:
+            data.finish()
         return write_parquet(table, f"{self.uri}/{name}")
 
 
@@ -120,12 +126,33 @@ class StepFailed(ValueError):
         self.report = report
 
 
-def verified_or_raise_from(data: Dataset, exc: Exception) -> None:
-    """After the step's logic failed: if the input was corrupt, say that instead."""
-    try:
-        data.finish()
-    except ValueError as corrupt:
-        raise corrupt from exc
+def verified_or_raise_from(inputs: dict[str, Dataset], exc: Exception) -> None:
+    """After the step's logic failed: if an input was corrupt, say that instead."""
+    for data in inputs.values():
+        try:
+            data.finish()
+        except ValueError as corrupt:
+            raise corrupt from exc
+
+
+def columns_of(schema: "pa.Schema") -> Columns:
+    """Each column's type as a contract names it: a dictionary-encoded column as its values' type."""
+    import pyarrow as pa
+
+    def kind(t: pa.DataType) -> str:
+        t = t.value_type if pa.types.is_dictionary(t) else t
+        return {"large_string": "string", "large_binary": "binary"}.get(str(t), str(t))
+
+    return {field.name: kind(field.type) for field in schema}
+
+
+def unmet(columns: Columns, declared: Columns) -> list[str]:
+    """How `columns` fall short of `declared`: each column missing or of another type."""
+    return [
+        f"{name!r} ({kind}) is missing" if name not in columns else f"{name!r} is {columns[name]}, not {kind}"
+        for name, kind in declared.items()
+        if columns.get(name) != kind
+    ]
 
 
 @dataclass
@@ -139,66 +166,92 @@ class Output:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def step(fn: Callable[..., Output]) -> Flow:
+def step(
+    fn: Callable[..., Output] | None = None,
+    *,
+    requires: Columns | dict[str, Columns] | None = None,
+    produces: Columns | None = None,
+) -> Any:
     """Make `fn(data: Dataset, [out: Out,] **own) -> Output` a flow `<fn's name>(data: DataRef,
     out: str, **own) -> StepResult`: it verifies the input as it is read, publishes the report as
     the artifact `<name>-report` (also when the logic raises StepFailed), adds the run's usage, and
-    stores the result as out/result.json, where the main flow reads it."""
+    stores the result as out/result.json, where the main flow reads it.
 
-    def wrap(fn: Callable[..., Output]) -> Flow:
-        flow_name = fn.__name__.replace("_", "-")
-        signature = inspect.signature(fn)
-        own = [p for p in signature.parameters.values() if p.name not in ("data", "out")]
-        wants_out = "out" in signature.parameters
+    A step of several inputs takes each as a `Dataset` parameter of its own name (`left:
+    Dataset, right: Dataset`). `requires` (columns and their types, by input where there are
+    several) and `produces` are its contract: `prefect deploy` checks every edge of a pipeline
+    against them (stepkit/graph.py), and each run checks its inputs and its output."""
+    if fn is None:
+        return lambda fn: step(fn, requires=requires, produces=produces)
+    flow_name = fn.__name__.replace("_", "-")
+    signature = inspect.signature(fn)
+    inputs = [p.name for p in signature.parameters.values() if p.annotation in (Dataset, "Dataset")] or [DATA]
+    own = [p for p in signature.parameters.values() if p.name not in (*inputs, "out")]
+    wants_out = "out" in signature.parameters
+    contract = Contract.of(inputs, requires, produces)
 
-        def run(**parameters: Any) -> StepResult:
-            ref, out = parameters.pop("data"), parameters.pop("out")
+    def run(**parameters: Any) -> StepResult:
+        refs, out = {name: parameters.pop(name) for name in inputs}, parameters.pop("out")
+        for ref in refs.values():
             confine(ref, out)
-            with Dataset.open(ref) as data:
-                try:
-                    result = fn(data=data, **({"out": Out(out, data)} if wants_out else {}), **parameters)
-                    data.finish()
-                except StepFailed as exc:
-                    data.finish()  # a corrupt input is named as such, not as the step's verdict on it
-                    create_markdown_artifact(key=f"{flow_name}-report", markdown=exc.report, description=ref["uri"])
-                    raise
-                except Exception as exc:
-                    verified_or_raise_from(data, exc)
-                    raise
-            check_wire(result.output, f"step {flow_name}")
-            create_markdown_artifact(key=f"{flow_name}-report", markdown=result.report, description=ref["uri"])
-            returned: StepResult = {
-                **result.extra,
-                "output": result.output,
-                "summary": result.summary,
-                "report": result.report,
-                "image": component_image(),
-                **usage(),
-            }
-            with atomic_write(result_uri(out)) as file:
-                file.write(json.dumps(returned).encode())
-            return returned
+        described = next(iter(refs.values()))["uri"]
+        with ExitStack() as opened:
+            data = {name: opened.enter_context(Dataset.open(ref)) for name, ref in refs.items()}
+            for name, declared in contract.requires.items():
+                if short := unmet(columns_of(data[name].schema), declared):
+                    raise ValueError(f"step {flow_name}: input {name} ({refs[name]['uri']}) does not hold what it "
+                                     f"requires: {'; '.join(short)}")  # fmt: skip
+            try:
+                result = fn(**data, **({"out": Out(out, *data.values())} if wants_out else {}), **parameters)
+                for dataset in data.values():
+                    dataset.finish()
+            except StepFailed as exc:
+                for dataset in data.values():  # a corrupt input is named as such, not as the step's verdict on it
+                    dataset.finish()
+                create_markdown_artifact(key=f"{flow_name}-report", markdown=exc.report, description=described)
+                raise
+            except Exception as exc:
+                verified_or_raise_from(data, exc)
+                raise
+        check_wire(result.output, f"step {flow_name}")
+        if produces is not None:
+            with Dataset.open(result.output) as output:
+                if short := unmet(columns_of(output.schema), produces):
+                    raise ValueError(f"step {flow_name} declares what it produces, but its output "
+                                     f"{result.output['uri']} does not hold it: {'; '.join(short)}")  # fmt: skip
+        create_markdown_artifact(key=f"{flow_name}-report", markdown=result.report, description=described)
+        returned: StepResult = {
+            **result.extra,
+            "output": result.output,
+            "summary": result.summary,
+            "report": result.report,
+            "image": component_image(),
+            **usage(),
+        }
+        with atomic_write(result_uri(out)) as file:
+            file.write(json.dumps(returned).encode())
+        return returned
 
-        # Prefect reads the parameter schema and validates calls from the signature: the contract's.
-        keyword = inspect.Parameter.KEYWORD_ONLY
-        run.__signature__ = inspect.Signature(
-            [
-                inspect.Parameter("data", keyword, annotation=DataRef),
-                inspect.Parameter("out", keyword, annotation=str),
-                *(p.replace(kind=keyword) for p in own),
-            ],
-            return_annotation=StepResult,
-        )
-        run.__annotations__ = {
-            "data": DataRef, "out": str, **{p.name: p.annotation for p in own}, "return": StepResult,
-        }  # fmt: skip
-        for attribute in ("__name__", "__qualname__", "__doc__", "__module__"):
-            setattr(run, attribute, getattr(fn, attribute))
-        # The result travels in the store (out/result.json), where only this run writes: not in
-        # Prefect's result storage, which every run would share.
-        return flow(name=flow_name, persist_result=False)(run)
-
-    return wrap(fn)
+    # Prefect reads the parameter schema and validates calls from the signature: the contract's.
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    run.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [
+            *(inspect.Parameter(name, keyword, annotation=DataRef) for name in inputs),
+            inspect.Parameter("out", keyword, annotation=str),
+            *(p.replace(kind=keyword) for p in own),
+        ],
+        return_annotation=StepResult,
+    )
+    run.__annotations__ = {
+        **dict.fromkeys(inputs, DataRef), "out": str, **{p.name: p.annotation for p in own}, "return": StepResult,
+    }  # fmt: skip
+    for attribute in ("__name__", "__qualname__", "__doc__", "__module__"):
+        setattr(run, attribute, getattr(fn, attribute))
+    # The result travels in the store (out/result.json), where only this run writes: not in
+    # Prefect's result storage, which every run would share.
+    made = flow(name=flow_name, persist_result=False)(run)
+    made.contract = contract  # what `prefect deploy` checks a pipeline's edges against
+    return made
 
 
 def confine(ref: DataRef, out: str) -> None:

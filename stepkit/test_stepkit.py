@@ -15,8 +15,10 @@ from conftest import CountingFileSystem
 from main_flow import steps
 from stepkit import (
     WIRE,
+    Contract,
     DataRef,
     Dataset,
+    Out,
     Output,
     RunLayout,
     WireMismatch,
@@ -213,7 +215,7 @@ def test_the_main_flow_refuses_a_result_from_a_step_built_with_an_older_kit(coun
         file.write(json.dumps(result).encode())
     run = FlowRun(name="old-subflow", flow_id=counted["sha256"][:32], state=Completed())
     with pytest.raises(steps.PipelineError) as failure:
-        steps.step_result(steps.ChildRun("subflow/subflow", counted, out), run)
+        steps.step_result(steps.ChildRun("subflow/subflow", {"data": counted}, out), run)
     message = str(failure.value)
     assert message.startswith("step subflow/subflow (run 'old-subflow'): reference counted://")
     assert f"has wire format 0, but the main flow (stepkit {stepkit.__version__}) reads wire format {WIRE}" in message
@@ -222,7 +224,7 @@ def test_the_main_flow_refuses_a_result_from_a_step_built_with_an_older_kit(coun
 def test_the_main_flow_takes_a_steps_result_from_its_own_directory_and_its_image_from_its_worker(counted, tmp_path):
     out = f"counted://{tmp_path}/runs/r1/subflow"
     run = FlowRun(name="a-step", flow_id=counted["sha256"][:32], state=Completed(), tags=["image:reg/subflow@sha256:1"])
-    task = steps.ChildRun("subflow/subflow", counted, out)
+    task = steps.ChildRun("subflow/subflow", {"data": counted}, out)
     with pytest.raises(steps.PipelineError, match=r"completed but stored no result at .*/subflow/result.json"):
         steps.step_result(task, run)
     result = {"output": counted, "summary": [], "report": "", "image": "a lie"}  # its input, passed on
@@ -261,3 +263,33 @@ def test_batches_are_sized_by_bytes_not_rows(tmp_path):
     found = list(stepkit.batches(pq.ParquetFile(tmp_path / "wide.parquet"), 1 << 20))
     assert sum(batch.num_rows for batch in found) == 20_000 and len(found) >= 8
     assert max(batch.nbytes for batch in found) <= 1 << 20
+
+
+def test_a_step_of_two_inputs_takes_each_by_name_and_checks_what_it_declares(prefect_api, run_dir):
+    left = write_parquet(pa.table({"k": ["a", "b"], "n": [1, 2]}), f"file://{run_dir}/left.parquet")
+    right = write_parquet(pa.table({"k": ["a", "b"], "m": [0.5, 1.5]}), f"file://{run_dir}/right.parquet")
+
+    @step(requires={"left": {"k": "string", "n": "int64"}, "right": {"k": "string"}}, produces={"n": "int64"})
+    def joined(left: Dataset, right: Dataset, out: Out, lie: bool = False) -> Output:
+        table = left.read().join(right.read(), "k").sort_by("k")
+        table = table.drop_columns(["n"]) if lie else table
+        return Output(out.write_table(table, "joined.parquet"), [{"rows": table.num_rows}], "joined")
+
+    requires = {"left": {"k": "string", "n": "int64"}, "right": {"k": "string"}}
+    assert joined.contract == Contract(("left", "right"), requires, {"n": "int64"})
+    assert list(joined.parameters.properties)[:3] == ["left", "right", "out"]
+    out = RunLayout.of("r1").step("joined")
+    result = joined(left=left, right=right, out=out)
+    assert pq.read_table(result["output"]["uri"].removeprefix("file://")).to_pylist() == [
+        {"k": "a", "n": 1, "m": 0.5}, {"k": "b", "n": 2, "m": 1.5}
+    ]  # fmt: skip
+    state = joined(left=right, right=left, out=out, return_state=True)  # right has no n
+    short = r"step joined: input left \(.*right.parquet\) does not hold what it requires: 'n' \(int64\) is missing"
+    with pytest.raises(ValueError, match=short):
+        state.result()
+    state = joined(left=left, right=right, out=out, lie=True, return_state=True)
+    lie = r"step joined declares what it produces, but its output .* does not hold it: 'n' \(int64\) is missing"
+    with pytest.raises(ValueError, match=lie):
+        state.result()
+    with pytest.raises(TypeError, match=r"requires names \['middle'\], which are not among the step's inputs"):
+        step(requires={"middle": {"k": "string"}})(lambda left, right: None)

@@ -90,12 +90,12 @@ print(
             "create work pool": status("POST", f"{api}/work_pools/", json={"name": "mine", "type": "pipeline-docker"}),
             "create deployment": status("POST", f"{api}/deployments/", json={}),
             "write automation": status("POST", f"{api}/automations/", json={}),
-            "rewrite the steps": status("PATCH", f"{api}/variables/name/pipeline-steps", json={"value": []}),
+            "rewrite the steps": status("PATCH", f"{api}/variables/name/pipeline-steps-main", json={"value": []}),
             "another run's variable": status(
                 "PATCH", f"{api}/variables/name/subflow-output-{other}", json={"value": {}}
             ),
             "a variable of any name": status(
-                "POST", f"{api}/variables/", json={"name": "pipeline-steps-2", "value": 1}
+                "POST", f"{api}/variables/", json={"name": "pipeline-steps-mine", "value": 1}
             ),
             # Its credential elsewhere, and no credential at all
             "admin listener": status("GET", f"{admin_api}/flow_runs/{own}"),

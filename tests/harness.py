@@ -122,6 +122,11 @@ def readme_blocks(heading: str) -> list[list[str]]:
     return blocks
 
 
+def run_id(watched: str) -> str:
+    """The run id that `prefect deployment run` (or `make run`) printed."""
+    return re.search(r"UUID: ([0-9a-f-]{36})", watched).group(1)
+
+
 def fill(command: str, **values: str) -> str:
     """A README command with its <placeholders> filled in; fail on one left."""
     for name, value in values.items():
@@ -425,7 +430,7 @@ class Stack:
         volumes = self.sh(
             "docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={self.project}"
         )
-        images = {d: self.registry_tags(d) for d in ("main_flow", "validate", "subflow")}
+        images = {d: self.registry_tags(d) for d in ("main_flow", "validate", "subflow", "join")}
         return {
             "deployments": deployments,
             "runs": runs,

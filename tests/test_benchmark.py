@@ -45,6 +45,9 @@ def test_every_stage_runs_once_and_writes_its_results_charts_and_tables(stack, t
     assert [sample["correct"] for sample in results["sizes"]["file"]["1000"]] == [True]
     assert [results["formats"]["1000"][form]["correct"] for form in FORMS] == [1, 1, 1]
     assert {p: figures["seconds"]["n"] for p, figures in results["mapped"]["1000"].items()} == {"2": 1}
+    assert {run: figures["n"] for run, figures in results["diamond"].items()} == dict.fromkeys(
+        ("diamond", "sequence", "longest path"), 1
+    )
     assert results["redeploy"]["n"] == 1
     assert {way: figures["n"] for way, figures in results["authority"]["write a log"].items()} == {
         "per-run authority": 5, "shared credential": 5

@@ -18,8 +18,9 @@ from tests.harness import ROOT, SETTINGS
 sys.path[:0] = [str(ROOT / "tools"), str(ROOT / "tools" / "deploy")]
 import image_tag  # noqa: E402
 import lock  # noqa: E402
+import steps  # noqa: E402
 
-COMPONENTS = ["main_flow", "validate", "subflow"]
+COMPONENTS = ["main_flow", "validate", "subflow", "join"]
 IMAGE_INPUTS = [*COMPONENTS, "stepkit"]  # what a component image's tag covers, besides the recipe
 
 
@@ -85,7 +86,8 @@ def test_a_component_block_holds_only_what_is_its_own():
     }
     for deployment in config["deployments"]:
         assert set(deployment) <= own, deployment["name"]
-        tag, build = deployment["build"]
+        checked, tag, build = deployment["build"]  # the steps checked as a graph before anything is built
+        assert checked == config["definitions"]["check_steps"], deployment["name"]
         assert set(tag["tools/deploy/image_tag.py:image_tag"]) == {"id", "directory"}, deployment["name"]
         assert build["prefect_docker.deployments.steps.build_docker_image"] == config["definitions"]["build_image"]
         assert deployment["work_pool"] in config["definitions"]["pools"], deployment["name"]
@@ -190,3 +192,32 @@ def test_the_host_cli_installs_on_every_python_prefect_supports():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     ours, prefects = SpecifierSet(project["requires-python"]), SpecifierSet(metadata("prefect")["Requires-Python"])
     assert ours == prefects, f"requires-python is {ours}; the locked prefect supports {prefects}"
+
+
+def test_deploy_reads_each_step_s_contract_from_its_source_and_refuses_a_graph_that_cannot_run(tmp_path):
+    """tools/deploy/steps.py: the check that is every deployment's first build step, on a copy of prefect.yaml."""
+    found = steps.contracts(ROOT / "prefect.yaml")
+    assert sorted(found) == ["join/join", "subflow/subflow", "validate/validate"]  # not the main flow, retention
+    assert found["join/join"].inputs == ("rows", "groups") and found["subflow/subflow"].inputs == ("data",)
+    pipelines = yaml.safe_load((ROOT / "prefect.yaml").read_text())["definitions"]["pipelines"]
+    assert steps.check_steps(pipelines, str(ROOT / "prefect.yaml")) == {"pipelines": 2, "contracts": 3}
+    (tmp_path / "join").mkdir()
+    (tmp_path / "join" / "join.py").write_text(
+        "@step(requires={'left': {'count': 'int64'}, 'right': {'species': 'string'}})\n"
+        "def join(left: Dataset, right: Dataset, out: Out) -> Output: ...\n"
+    )
+    (tmp_path / "subflow").mkdir()
+    (tmp_path / "subflow" / "subflow.py").write_text(
+        "@step(produces={'species': 'string'})\ndef subflow(data: Dataset): ...\n"
+    )
+    deployments = [{"name": n, "entrypoint": f"{n}/{n}.py:{n}"} for n in ("join", "subflow")]
+    (tmp_path / "prefect.yaml").write_text(yaml.safe_dump({"deployments": deployments}))
+    graph = ["subflow/subflow", {"step": "join/join", "needs": {"left": "subflow", "right": "subflow"}}]
+    edge = r"pipeline p: edge subflow/subflow -> join/join \(input left\): join/join requires column 'count'"
+    with pytest.raises(ValueError, match=edge):
+        steps.check_steps({"p": graph}, str(tmp_path / "prefect.yaml"))
+    inputs = r"pipeline q: step join/join takes the inputs \['left', 'right'\], not \['data'\]"
+    with pytest.raises(ValueError, match=inputs):
+        steps.check_steps({"q": ["subflow/subflow", "join/join"]}, str(tmp_path / "prefect.yaml"))
+    with pytest.raises(ValueError, match=r"pipeline 'Q!': a name of lowercase letters"):
+        steps.check_steps({"Q!": ["subflow/subflow"]}, str(tmp_path / "prefect.yaml"))

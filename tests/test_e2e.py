@@ -1,12 +1,16 @@
 """End to end on real Docker, as the README says: stack up, deploy, run the three-component pipeline."""
 
+import io
 import subprocess
 import time
 
+import pyarrow.parquet as pq
 import pytest
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
 from conftest import IRIS_SETOSA
+from stepkit import parts_of
+from tests.harness import ROOT, project_copy, run_id
 
 pytestmark = pytest.mark.e2e
 FORMAT = '{{index .Actor.Attributes "io.prefect.flow-run-id"}} {{.Actor.ID}} {{.Actor.Attributes.image}}'
@@ -48,11 +52,11 @@ def test_each_flow_ran_in_its_own_container_from_its_own_image(stack, pipeline_r
     runs = {"main_flow": (main.id, output["main_image"])} | {
         name.split("/")[0]: (r["flow_run_id"], r["image"]) for name, r in output["results"].items()
     }
-    for component, (run_id, image) in runs.items():
+    for component, (flow_run, image) in runs.items():
         assert image.startswith(f"{stack.registry}/{component}@sha256:"), image  # by digest
-        assert starts[str(run_id)][1] == image
+        assert starts[str(flow_run)][1] == image
         # Each run is tagged with the image it ran in, visible in the UI and the API.
-        assert f"image:{image}" in stack.read_run(run_id).tags
+        assert f"image:{image}" in stack.read_run(flow_run).tags
     assert len({container for container, _ in starts.values()}) == len(starts) == 3
     # Each image carries only its own dependencies: pandas is validate's alone.
     probe = "import importlib.util as u; print(u.find_spec('pandas') is not None)"
@@ -61,8 +65,8 @@ def test_each_flow_ran_in_its_own_container_from_its_own_image(stack, pipeline_r
         for c, (_, image) in runs.items()
     }
     assert has_pandas == {"main_flow": "False", "validate": "True", "subflow": "False"}
-    for run_id, _ in runs.values():  # auto_remove: no flow-run container is left behind
-        assert not stack.containers(run_id)
+    for flow_run, _ in runs.values():  # auto_remove: no flow-run container is left behind
+        assert not stack.containers(flow_run)
 
 
 def test_data_travels_by_reference_and_lands_in_the_run_directory(stack, pipeline_run):
@@ -107,13 +111,56 @@ def test_variable_and_artifacts_hold_the_output(stack, pipeline_run):
     assert "| setosa" in by_key["pipeline-output"].data
 
 
-def test_a_parallel_group_runs_its_steps_at_once_on_the_same_input(stack):
-    main = stack.run("main-flow/main", steps=[["validate/validate", "subflow/subflow"]])
+def test_a_second_pipeline_runs_as_a_graph_and_deploys_without_touching_the_first(stack, tmp_path):
+    """prefect.yaml's `enriched` pipeline, a diamond: the ingest, then validate and subflow at
+    once, then a join of their outputs; its run draws its graph. Then a checkout that declares only
+    `enriched`, edited, deploys it: `main`'s steps and deployment are left as they were."""
+    command = "make run PIPELINE=enriched"  # as README's Common tasks has it
+    assert f"| run another pipeline | `{command}` |" in (ROOT / "README.md").read_text()
+    main = stack.wait_final(run_id(stack.shell(command)))
     assert main.state.is_completed(), main.state
     output = stack.output(main)
+    assert output["graph"] == {
+        "validate/validate": {"data": "ingest"},
+        "subflow/subflow": {"data": "ingest"},
+        "join/join": {"rows": "validate/validate", "groups": "subflow/subflow"},
+    }
     validate, subflow = stack.child(main.id, "validate"), stack.child(main.id, "subflow")
     # Both were started before either finished: the main flow did not wait for one to start the other.
     assert validate.created < subflow.end_time and subflow.created < validate.end_time
-    for result in output["results"].values():
-        assert stack.read_run(result["flow_run_id"]).parameters["data"] == output["input"]
-    assert output["results"]["subflow/subflow"]["summary"][0] == IRIS_SETOSA
+    assert validate.parameters["data"] == subflow.parameters["data"] == output["input"]
+    join = output["results"]["join/join"]
+    assert stack.read_run(join["flow_run_id"]).parameters["groups"] == output["results"]["subflow/subflow"]["output"]
+    stored = [pq.read_table(io.BytesIO(stack.read_object(part["uri"]))) for part in parts_of(join["output"])]
+    joined = [row for table in stored for row in table.to_pylist()]
+    assert len(joined) == 150 and {row["count"] for row in joined} == {50}
+    setosa = next(row for row in joined if row["species"] == "setosa")
+    assert setosa["mean_petal_length"] == IRIS_SETOSA["mean_petal_length"]
+    with stack.api() as client:
+        (artifact,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[main.id]), key=ArtifactFilterKey(any_=["pipeline-status"])
+            )
+        )
+        before = untouched(client, stack)
+    chart = artifact.data.split("```mermaid\n", 1)[1]
+    assert chart.splitlines()[2].startswith('  s1["validate/validate<br/>Completed<br/>150 rows<br/>')
+    assert "  s0 --> s1\n  s0 --> s2\n  s1 -->|rows| s3\n  s2 -->|groups| s3\n```" in chart
+
+    project = project_copy(tmp_path)
+    config = project / "prefect.yaml"
+    text = config.read_text().replace("    main: &steps\n      - validate/validate\n      - subflow/subflow\n", "")
+    config.write_text(text.replace("{step: join/join, needs:", "{step: join/join, cache: false, needs:"))
+    try:
+        stack.deploy("enriched", cwd=project)
+        with stack.api() as client:
+            assert client.read_variable_by_name("pipeline-steps-enriched").value[2]["cache"] is False
+            assert untouched(client, stack) == before
+    finally:
+        stack.deploy("enriched")  # the repository's enriched again
+
+
+def untouched(client, stack) -> tuple:
+    """What a deploy of another pipeline must leave as it was: main's steps and deployment."""
+    variable, deployment = client.read_variable_by_name("pipeline-steps-main"), stack.deployment("main-flow/main")
+    return variable.value, variable.updated, deployment.updated, deployment.parameters

@@ -4,18 +4,12 @@ host's .venv for make), and placeholders such as <main run id> are filled from e
 Each runs in a copy of the project, so the repository is never changed."""
 
 import json
-import re
 
 import pytest
 
-from tests.harness import expected_summary, fill, project_copy, readme_blocks, run_a_file_of_yours
+from tests.harness import expected_summary, fill, project_copy, readme_blocks, run_a_file_of_yours, run_id
 
 pytestmark = pytest.mark.e2e
-
-
-def run_id(watched: str) -> str:
-    """The run id that `prefect deployment run --watch` printed."""
-    return re.search(r"UUID: ([0-9a-f-]{36})", watched).group(1)
 
 
 def test_a_file_of_yours_runs_as_the_readme_says_uploaded_once(stack, tmp_path):
@@ -32,7 +26,7 @@ def test_adding_a_component_and_editing_steps_as_the_readme_says(stack, tmp_path
     project = project_copy(tmp_path)
     (adding,) = readme_blocks("## Adding a component")
     assert adding[0] == "make component NAME=enrich" and len(adding) == 3, adding
-    (register,) = [b for b in readme_blocks("## Steps: the pipeline in `prefect.yaml`") if b]
+    (register,) = [b for b in readme_blocks("## Pipelines") if b]
     try:
         scaffolded = stack.shell(adding[0], cwd=project)
         assert "the pipeline's steps end with enrich/enrich" in scaffolded
@@ -65,4 +59,4 @@ def test_adding_a_component_and_editing_steps_as_the_readme_says(stack, tmp_path
         deployed = stack.shell(register[0])
     assert "Running in " not in deployed and "Pushed\n" not in deployed  # built and pushed nothing
     with stack.api() as client:
-        assert client.read_variable_by_name("pipeline-steps").value == ["validate/validate", "subflow/subflow"]
+        assert client.read_variable_by_name("pipeline-steps-main").value == ["validate/validate", "subflow/subflow"]

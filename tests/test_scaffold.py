@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from prefect.settings import PREFECT_API_URL
 
@@ -35,31 +36,34 @@ def run_dir(tmp_path, monkeypatch):
 """
 
 
-def scaffolded(root: Path, name: str = "enrich") -> Path:
+def scaffolded(root: Path, name: str = "enrich", inputs: list[str] | None = None) -> Path:
     """The component's flow and test as the scaffold writes them (its lock is `make lock`'s)."""
     directory = root / name
     directory.mkdir(parents=True)
-    (directory / f"{name}.py").write_text(component.FLOW.format(name=name))
-    (directory / f"test_{name}.py").write_text(component.TEST.format(name=name))
+    for file, text in component.files(name, inputs or []).items():
+        (directory / file).write_text(text)
     (root / "conftest.py").write_text(CONFTEST)
     return directory
 
 
-def test_the_scaffolded_step_is_about_fifteen_lines_and_fits_the_contract(tmp_path):
-    code = scaffolded(tmp_path) / "enrich.py"
+@pytest.mark.parametrize("inputs", [[], ["rows:validate", "groups:subflow"]])
+def test_the_scaffolded_step_is_about_fifteen_lines_and_fits_the_contract(tmp_path, inputs):
+    code = scaffolded(tmp_path, inputs=inputs) / "enrich.py"
     assert len(code.read_text().splitlines()) <= 15
     module = test_contract.load(code)
+    assert module.enrich.contract.inputs == (tuple(i.split(":")[0] for i in inputs) or ("data",))
     assert test_contract.violations(test_contract.stepkit.contract, module, "enrich", {}) == []
 
 
-def test_the_scaffolded_unit_test_passes(prefect_api, tmp_path):
-    directory = scaffolded(tmp_path)
+@pytest.mark.parametrize(("inputs", "passed"), [([], "2 passed"), (["rows:validate", "groups:subflow"], "1 passed")])
+def test_the_scaffolded_unit_test_passes(prefect_api, tmp_path, inputs, passed):
+    directory = scaffolded(tmp_path, inputs=inputs)
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=importlib", str(directory)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0 and passed in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def test_the_scaffold_adds_the_step_to_the_end_of_the_pipeline():
@@ -67,8 +71,13 @@ def test_the_scaffold_adds_the_step_to_the_end_of_the_pipeline():
     text = (ROOT / "prefect.yaml").read_text()
     before = yaml.safe_load(text)
     after = yaml.safe_load(component.add_step(text, "probe_added/probe_added"))
-    assert after["definitions"]["steps"] == [*before["definitions"]["steps"], "probe_added/probe_added"]
-    assert after["deployments"] == before["deployments"]
+    main = before["definitions"]["pipelines"]["main"]
+    assert after["definitions"]["pipelines"] == {
+        **before["definitions"]["pipelines"],
+        "main": [*main, "probe_added/probe_added"],
+    }
+    own = [{**d, "build": d["build"][1:]} for d in before["deployments"]]  # less the check, which reads every pipeline
+    assert [{**d, "build": d["build"][1:]} for d in after["deployments"]] == own
 
 
 def test_the_readmes_first_edit_keeps_the_unit_suite_green(tmp_path, prefect_api):

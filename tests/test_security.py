@@ -52,7 +52,7 @@ def platform(stack, other) -> dict:
         run = client.read_flow_run(other.id)
         return {
             "other run": (run.name, run.state.type, run.state.message, run.infrastructure_pid, run.job_variables),
-            "steps": client.read_variable_by_name("pipeline-steps").value,
+            "steps": client.read_variable_by_name("pipeline-steps-main").value,
             "variables": sorted(v.name for v in client.read_variables()),
             "pools": {p.name: p.base_job_template for p in client.read_work_pools()},
             "deployments": sorted(str(d.id) for d in client.read_deployments()),

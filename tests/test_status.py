@@ -49,6 +49,13 @@ def test_a_steps_state_is_its_partitions_latest_attempts():
     assert (
         status.markdown(list(rows.values())).splitlines()[4] == "| subflow/subflow | Cached | - | 1/1 | 400 | - | yes |"
     )
+    plan[2]["image"] = "reg/subflow@sha256:" + "ab" * 32
+    needs = {"validate/validate": {"data": "ingest"}, "subflow/subflow": {"data": "validate/validate"},
+             "enrich/enrich": {"left": "validate/validate", "right": "subflow/subflow"}}  # fmt: skip
+    chart = status.mermaid(list(rows.values()), plan, needs).splitlines()
+    assert chart[:2] == ["```mermaid", "graph LR"] and chart[-1] == "```"
+    assert chart[4] == '  s2["subflow/subflow<br/>Cached<br/>400 rows<br/>sha256:abababababab"]'
+    assert chart[6:10] == ["  s0 --> s1", "  s1 --> s2", "  s1 -->|left| s3", "  s2 -->|right| s3"]
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,11 @@
-"""`make run`: warn when prefect.yaml's steps are not the ones the server has (a deploy
-registers them: tools/deploy/steps.py), upload a file of yours to the inbox, run the pipeline and
-show it live until it ends.
+"""`make run`: warn when prefect.yaml's steps of the pipeline are not the ones the server has (a
+deploy registers them: tools/deploy/steps.py), upload a file of yours to the inbox, run the
+pipeline and show it live until it ends.
 
-    python tools/pipeline.py run [SOURCE]
+    python tools/pipeline.py run [--pipeline NAME] [SOURCE]
 """
 
+import argparse
 import re
 import subprocess
 import sys
@@ -17,31 +18,34 @@ from inbox import upload  # tools/ is on the path: this is run as a script
 from prefect.variables import Variable
 from status import follow
 
-from stepkit import PIPELINE_STEPS, Steps
+from stepkit import Steps, steps_variable
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def declared() -> Steps:
-    return yaml.safe_load((ROOT / "prefect.yaml").read_text())["definitions"]["steps"]
+def declared() -> dict[str, Steps]:
+    return yaml.safe_load((ROOT / "prefect.yaml").read_text())["definitions"]["pipelines"]
 
 
-def check() -> None:
-    """Warn, without failing, when prefect.yaml's steps are not the ones the server has."""
-    registered = Variable.get(PIPELINE_STEPS, _sync=True)
-    if registered != declared():
+def check(pipeline: str) -> None:
+    """Refuse a pipeline prefect.yaml does not declare; warn, without failing, when its steps are
+    not the ones the server has."""
+    if pipeline not in declared():
+        sys.exit(f"error: prefect.yaml declares no pipeline {pipeline!r}: its pipelines are {sorted(declared())}")
+    registered = Variable.get(steps_variable(pipeline), _sync=True)
+    if registered != declared()[pipeline]:
         print(
-            f"warning: prefect.yaml's steps {declared()} are not the registered pipeline {registered}: "
-            "register them with `docker compose run --rm cli prefect deploy --name main`",
+            f"warning: prefect.yaml's steps {declared()[pipeline]} are not the registered pipeline {pipeline} "
+            f"{registered}: register them with `docker compose run --rm cli prefect deploy --name {pipeline}`",
             file=sys.stderr,
         )
 
 
-def run(source: str | None) -> NoReturn:
+def run(pipeline: str, source: str | None) -> NoReturn:
     """`make run`: warn if the steps differ, upload `source` if it is a file, run the pipeline and
     show it live until it ends (tools/status.py)."""
-    check()
-    command = ["prefect", "deployment", "run", "main-flow/main"]
+    check(pipeline)
+    command = ["prefect", "deployment", "run", f"main-flow/{pipeline}"]
     if source:
         if source.startswith(("/", "./", "../", "~")):  # a path (make mounts yours at /upload/)
             try:
@@ -59,6 +63,9 @@ def run(source: str | None) -> NoReturn:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] != ["run"] or len(sys.argv) > 3:
-        sys.exit("usage: python tools/pipeline.py run [SOURCE]")
-    run(sys.argv[2] if len(sys.argv) == 3 else None)
+    parser = argparse.ArgumentParser(prog="python tools/pipeline.py", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["run"])
+    parser.add_argument("--pipeline", default="main", help="a pipeline of prefect.yaml (default: main)")
+    parser.add_argument("source", nargs="?", help="a file, an s3:// or an https:// source (default: the shipped Iris)")
+    args = parser.parse_args()
+    run(args.pipeline, args.source)

@@ -274,10 +274,12 @@ CASES = [
     # Variables: named after its own run; the registered steps for a main flow.
     ("step", "GET", "/api/variables/name/subflow-output-{step}", None, None),
     ("step", "POST", "/api/variables/", {"name": "subflow-output-{step}", "value": {}}, None),
-    ("step", "POST", "/api/variables/", {"name": "pipeline-steps", "value": []}, "not named after this run"),
+    ("step", "POST", "/api/variables/", {"name": "pipeline-steps-main", "value": []}, "not named after this run"),
     ("step", "PATCH", "/api/variables/name/subflow-output-{other_step}", {"value": 1}, "not named after this run"),
-    ("main", "GET", "/api/variables/name/pipeline-steps", None, None),
-    ("step", "GET", "/api/variables/name/pipeline-steps", None, "not named after this run"),
+    ("main", "GET", "/api/variables/name/pipeline-steps-main", None, None),  # its pipeline's: its deployment's name
+    ("main", "GET", "/api/variables/name/pipeline-steps-other", None, "not named after this run"),
+    ("main", "PATCH", "/api/variables/name/pipeline-steps-main", {"value": []}, "not named after this run"),
+    ("step", "GET", "/api/variables/name/pipeline-steps-main", None, "not named after this run"),
     ("retention", "POST", "/api/variables/filter", {}, None),
     ("main", "POST", "/api/variables/filter", {}, "only the maintenance flows"),
     ("retention", "DELETE", "/api/variables/name/subflow-output-{step}", None, None),

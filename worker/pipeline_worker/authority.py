@@ -32,7 +32,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from pipeline_worker.policy import credential
-from pipeline_worker.rules import MAIN, STEP, Run, decide, event_refusal, narrowed, roles
+from pipeline_worker.rules import MAIN, STEP, Run, decide, event_refusal, narrowed, roles, steps_variable
 
 SERVER = os.environ.get("PREFECT_SERVER_URL", "http://prefect-server:4200")
 SECRETS = Path(os.environ.get("PIPELINE_SECRETS", "/secrets"))
@@ -140,11 +140,13 @@ class Server:
             return None
         flow = await self.get(f"/flows/{found['flow_id']}") or {}
         role = self.roles.get(flow.get("name", ""), STEP)
-        steps = await self.pipeline(found) if role == MAIN else frozenset()
+        deployment_id = found.get("deployment_id")
+        pipeline = (await self.deployment(deployment_id)).get("name") if role == MAIN and deployment_id else None
+        steps = await self.pipeline(found, pipeline) if role == MAIN else frozenset()
         run = Run(
-            id=run_id, role=role, deployment_id=found.get("deployment_id"),
+            id=run_id, role=role, deployment_id=deployment_id,
             parent_task_run_id=found.get("parent_task_run_id"), work_queue_id=found.get("work_queue_id"),
-            work_pool_name=found.get("work_pool_name"), steps=steps, store=self.store,
+            work_pool_name=found.get("work_pool_name"), steps=steps, store=self.store, pipeline=pipeline,
         )  # fmt: skip
         self._runs[run_id] = (time.monotonic() + FACTS_S, run)
         return run
@@ -160,14 +162,15 @@ class Server:
                     raise ConnectionError(f"the server is away: {exc!r}") from exc
                 await asyncio.sleep(1)
 
-    async def pipeline(self, found: dict[str, Any]) -> frozenset[str]:
-        """The deployments a main run may start: its `steps`, a resumed run's, or those registered."""
+    async def pipeline(self, found: dict[str, Any], pipeline: str | None) -> frozenset[str]:
+        """The deployments a main run may start: its `steps`, a resumed run's, or those its
+        pipeline (its deployment's name) has registered."""
         parameters = found.get("parameters") or {}
         declared = [parameters.get("steps")]
         if resumed := parameters.get("resume_from"):
             declared.append(((await self.get(f"/flow_runs/{resumed}")) or {}).get("parameters", {}).get("steps"))
-        if all(steps is None for steps in declared):
-            declared.append(((await self.get("/variables/name/pipeline-steps")) or {}).get("value"))
+        if all(steps is None for steps in declared) and pipeline:
+            declared.append(((await self.get(f"/variables/name/{steps_variable(pipeline)}")) or {}).get("value"))
         return frozenset(name for steps in declared for name in step_names(steps))
 
 

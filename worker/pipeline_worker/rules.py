@@ -37,6 +37,7 @@ class Run:
     work_pool_name: str | None
     steps: frozenset[str] = field(default_factory=frozenset)  # a main flow's: its pipeline's deployments
     store: str = ""  # PIPELINE_DATA_URL: where a main flow's steps may write
+    pipeline: str | None = None  # a main flow's: its deployment's name, which names its steps' Variable
 
 
 class Lookup(Protocol):
@@ -200,6 +201,11 @@ async def maintenance_only(run: Run, *_: Any) -> str | None:
     return None if run.role == MAINTENANCE else "only the maintenance flows (retention) list all runs or variables"
 
 
+def steps_variable(pipeline: str) -> str:
+    """The Variable of a pipeline's steps (stepkit.steps_variable: the worker's image has no kit)."""
+    return f"pipeline-steps-{pipeline}"
+
+
 async def own_variable(run: Run, lookup: Lookup, body: Any, query: dict, name: str) -> str | None:
     """Variables named after its own run, e.g. subflow-output-<run id>; retention removes any."""
     if name.endswith(f"-{run.id}") or (run.role == MAINTENANCE and re.fullmatch(rf"[\w-]+-{ID}", name)):
@@ -208,7 +214,7 @@ async def own_variable(run: Run, lookup: Lookup, body: Any, query: dict, name: s
 
 
 async def read_variable(run: Run, lookup: Lookup, body: Any, query: dict, name: str) -> str | None:
-    if name == "pipeline-steps" and run.role == MAIN:  # the steps as last deployed
+    if run.role == MAIN and run.pipeline and name == steps_variable(run.pipeline):  # its steps as last deployed
         return None
     return await own_variable(run, lookup, body, query, name)
 

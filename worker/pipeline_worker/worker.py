@@ -225,7 +225,13 @@ class PolicyDockerWorker(DockerWorker):
                 return await run_sync_in_worker_thread(mounts.for_main, self.volume, str(flow_run.id), source)
             if "out" not in parameters:
                 return []  # a flow that is not a step of the kit: nothing of the store
-            inputs = [part["uri"] for part in (parameters.get("data") or {}).get("parts") or [parameters["data"]]]
+            # Its inputs: `data`, or a step's named ones (stepkit's DataRef: a uri and its sha256).
+            refs = [
+                v for k, v in parameters.items() if k != "out" and isinstance(v, dict) and {"uri", "sha256"} <= v.keys()
+            ]
+            inputs = [part["uri"] for ref in refs for part in ref.get("parts") or [ref]]
+            if not inputs:
+                raise KeyError("a step with no input")
             owner = str(role.main.id) if role.main else mounts.run_of(self.volume, inputs[0])
             for run_id in {mounts.run_of(self.volume, uri) for uri in inputs} - {owner}:
                 await self._same_pipeline(run_id, owner)
