@@ -67,5 +67,5 @@ if __name__ == "__main__":
     parser.add_argument("command", choices=["run"])
     parser.add_argument("--pipeline", default="main", help="a pipeline of prefect.yaml (default: main)")
     parser.add_argument("source", nargs="?", help="a file, an s3:// or an https:// source (default: the shipped Iris)")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # `run --pipeline main SOURCE`: a positional after the option
     run(args.pipeline, args.source)
