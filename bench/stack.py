@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolUpdate
-from prefect.exceptions import PrefectHTTPStatusError
+from prefect.client.orchestration import SyncPrefectClient
+from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolCreate
+from prefect.workers.process import ProcessWorker
 
 from stepkit import steps_variable
-from tests.harness import PREFECT, ROOT, SETTINGS, Stack, iris_like, project_copy, wait_for, write_csv
+from tests.harness import ROOT, SETTINGS, Stack, iris_like, project_copy, wait_for, write_csv
 
 BASELINE = "bench/compose.baseline.yml"
 # The baseline's pools: the same components on process workers (bench/compose.baseline.yml).
@@ -34,6 +35,7 @@ POOLS = {
     "BASELINE_SUBFLOW_POOL": "subflow-process",
 }
 PROCESS_WORKERS = ("process-main_flow", "process-validate", "process-subflow")
+BASELINE_CODE = "/opt/prefect/pipeline"  # where the process workers' images hold the components (component.Dockerfile)
 DATA_URL = "http://testdata:8000"  # the stack's test data server (tests/compose.yml), as flows see it
 
 
@@ -82,36 +84,24 @@ class Bench:
         """The process workers and their deployments, with the docker design's parameters and limits,
         for as long as the block runs: their polls (three workers, each every
         PREFECT_WORKER_QUERY_SECONDS) cost the server 0.18 CPU-s a second, a load on other stages."""
+        with self.stack.api() as client:
+            deploy_baseline(client)
         # The classic builder, whose cache `prefect deploy`'s builds (docker-py) filled: the same
         # recipe and build args, so no layer is built again (BuildKit has a cache of its own).
         # Only these three: `up --build` would rebuild the running services' images too, and
         # another builder's image ids recreate them.
         self.stack.compose("build", *PROCESS_WORKERS, timeout=1800, DOCKER_BUILDKIT="0")
         started = datetime.now(UTC)
-        self.stack.compose("up", "-d", "--no-build", *PROCESS_WORKERS, timeout=600)
+        self.stack.compose("up", "-d", "--no-build", "--no-deps", *PROCESS_WORKERS, timeout=600)
         try:
             with self.stack.api() as client:
 
                 def polled(pool: str) -> bool:  # since they started: not by a worker of an earlier baseline
-                    try:
-                        workers = client.read_workers_for_work_pool(pool)
-                    except PrefectHTTPStatusError:  # no such pool yet
-                        return False
+                    workers = client.read_workers_for_work_pool(pool)
                     return any(w.last_heartbeat_time and w.last_heartbeat_time > started for w in workers)
 
-                # A worker creates its pool as it starts: the deploy below needs the pools.
+                # A run must not wait for a worker to start: that is not what latency measures.
                 wait_for("a process worker on each baseline pool", lambda: all(map(polled, POOLS.values())), 120, 0.2)
-                self.stack.sh(PREFECT, "--no-prompt", "deploy", "--prefect-file", "bench/prefect.yaml", "--all")
-                docker_validate = client.read_deployment_by_name("validate/validate")
-                process_validate = client.read_deployment_by_name("validate/validate-process")
-                client.update_deployment(process_validate.id, DeploymentUpdate(parameters=docker_validate.parameters))
-                limits = {
-                    POOLS["BASELINE_FLOW_POOL"]: SETTINGS["FLOW_POOL_LIMIT"],
-                    POOLS["BASELINE_VALIDATE_POOL"]: SETTINGS["SUBFLOW_POOL_LIMIT"],
-                    POOLS["BASELINE_SUBFLOW_POOL"]: SETTINGS["SUBFLOW_POOL_LIMIT"],
-                }
-                for pool, limit in limits.items():
-                    client.update_work_pool(pool, WorkPoolUpdate(concurrency_limit=int(limit)))
             yield
         finally:
             self.stack.compose("rm", "--stop", "--force", *PROCESS_WORKERS, timeout=300)  # pools, deployments stay
@@ -147,3 +137,30 @@ class Bench:
                 pq.write_table(pacsv.read_csv(plain), path)
             path.chmod(0o644)
         return f"{DATA_URL}/{path.name}"
+
+
+def deploy_baseline(client: SyncPrefectClient) -> None:
+    """The baseline's pools and deployments: each component's docker deployment (its flow,
+    entrypoint, parameters and schema) on a process pool with the docker pool's limit, its code
+    where the process workers' images hold it. Through the API: nothing to build or push."""
+    template = ProcessWorker.get_default_base_job_template()
+    steps = [f"{name}-process" for name in ("validate/validate", "subflow/subflow")]
+    for docker, pool, limit in (
+        ("main-flow/main", POOLS["BASELINE_FLOW_POOL"], SETTINGS["FLOW_POOL_LIMIT"]),
+        ("validate/validate", POOLS["BASELINE_VALIDATE_POOL"], SETTINGS["SUBFLOW_POOL_LIMIT"]),
+        ("subflow/subflow", POOLS["BASELINE_SUBFLOW_POOL"], SETTINGS["SUBFLOW_POOL_LIMIT"]),
+    ):
+        pool_spec = WorkPoolCreate(name=pool, type="process", base_job_template=template, concurrency_limit=int(limit))
+        client.create_work_pool(pool_spec, overwrite=True)
+        source = client.read_deployment_by_name(docker)
+        parameters = {**source.parameters, **({"steps": steps} if docker == "main-flow/main" else {})}
+        client.create_deployment(
+            flow_id=source.flow_id,
+            name=f"{source.name}-process",
+            work_pool_name=pool,
+            entrypoint=source.entrypoint,
+            pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": BASELINE_CODE}}],
+            parameters=parameters,
+            parameter_openapi_schema=source.parameter_openapi_schema,
+            enforce_parameter_schema=source.enforce_parameter_schema,
+        )

@@ -158,13 +158,13 @@ def polling(bench: Bench, plan: Plan) -> dict[str, Any]:
     try:
         for interval in map(str, plan.intervals):
             if interval != bench.stack.overrides.get("PREFECT_WORKER_QUERY_SECONDS", env):  # else as they run
-                bench.stack.overrides["PREFECT_WORKER_QUERY_SECONDS"] = interval
-                bench.stack.compose("up", "-d", "--wait", *workers, timeout=600)  # recreated with the new interval
+                bench.stack.overrides["PREFECT_WORKER_QUERY_SECONDS"] = interval  # the workers recreated with it:
+                bench.stack.compose("up", "-d", "--wait", "--no-deps", *workers, timeout=600)
             seconds = [trigger_to_completed(bench, bench.stack.run(bench.designs["docker"])) for _ in range(plan.runs)]
             result[interval] = {"docker": spread(seconds), "idle": idle_cpu(bench, plan.idle_s)}
     finally:
         if bench.stack.overrides.pop("PREFECT_WORKER_QUERY_SECONDS", env) != env:
-            bench.stack.compose("up", "-d", "--wait", *workers, timeout=600)
+            bench.stack.compose("up", "-d", "--wait", "--no-deps", *workers, timeout=600)
     return result
 
 

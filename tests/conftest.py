@@ -1,16 +1,12 @@
 """The e2e tests' stack: a compose project of their own, beside (never instead of) the user's."""
 
-import os
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.harness import CI, SOURCES_BUCKET, Stack, docker_available
+from tests.harness import CI, KEEP, SOURCES_BUCKET, Stack, docker_available
 
-# PIPELINE_TEST_KEEP=1 (developers): leave the test stack up after the session and use it again in
-# the next, to iterate on one test without its two-minute start.
-KEEP = os.environ.get("PIPELINE_TEST_KEEP") == "1"
 # Served by tests/compose.yml `testdata`: a directory the stack's container keeps mounted.
 DATA = Path(tempfile.gettempdir(), "pipeline-testdata") if KEEP else Path(tempfile.mkdtemp(prefix="pipeline-testdata-"))
 DATA_URL = "http://testdata:8000"

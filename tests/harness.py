@@ -5,11 +5,13 @@ so tests and benchmarks run beside the user's stack (project `modular-pipeline`,
 .env) and never stop, change or delete it.
 """
 
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -18,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import certifi
+import docker
 import httpx
 import numpy as np
 import pyarrow as pa
@@ -36,6 +40,12 @@ ROOT = Path(__file__).resolve().parent.parent
 SETTINGS: dict[str, str] = {k: v or "" for k, v in dotenv_values(ROOT / ".env").items()}
 PREFECT = str(Path(sys.executable).with_name("prefect"))  # the host CLI of this environment
 CI = os.environ.get("CI") == "true"
+# PIPELINE_TEST_KEEP=1 (developers): leave the test stack up after the session and use it again in
+# the next, to iterate on one test without its two-minute start.
+KEEP = os.environ.get("PIPELINE_TEST_KEEP") == "1"
+# Prefect's client loads certifi's CA bundle into a new SSL context each time it is made (30 ms of
+# CPU here, ten times the request): the harness makes one per call, so they share this one.
+TLS = ssl.create_default_context(cafile=certifi.where())
 TEST_OVERLAY = ROOT / "tests" / "compose.yml"  # the S3 endpoint and the test data server
 # Test credentials of the moto endpoint; a real store takes its keys from the environment.
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -139,6 +149,12 @@ def docker_available() -> bool:
     return bool(shutil.which("docker")) and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
 
 
+@functools.cache
+def engine() -> docker.DockerClient:
+    """This machine's Docker engine, for the calls waits repeat: a few ms each, the CLI's tens."""
+    return docker.from_env()
+
+
 @dataclass
 class Stack:
     """A compose project of its own: the one setting `project`, and the ports it publishes."""
@@ -234,13 +250,16 @@ class Stack:
         self.overrides.update(PIPELINE_DATA_URL=url, **env)
         if url.startswith("s3://"):  # the test endpoint keeps buckets in memory: not across restarts
             self.s3().mkdirs(url.removeprefix("s3://").split("/", 1)[0], exist_ok=True)
-        self.compose("run", "--rm", "-T", "setup")
-        self.compose("up", "-d", "--wait", "worker-flow", "worker-subflow")  # their policy renders the store too
+        # The setup service (a dependency, run again by `up`) reapplies the pool template; the
+        # workers are recreated, since their policy renders the store too.
+        self.compose("up", "-d", "--wait", "worker-flow", "worker-subflow")
 
     # --- the API ------------------------------------------------------------------------------
 
     def api(self) -> SyncPrefectClient:
-        return SyncPrefectClient(self.api_url, auth_string=self.secret("api-auth-string"))
+        return SyncPrefectClient(
+            self.api_url, auth_string=self.secret("api-auth-string"), httpx_settings={"verify": TLS}
+        )
 
     def deployment(self, name: str) -> Any:
         with self.api() as client:
@@ -412,9 +431,8 @@ class Stack:
 
     def containers(self, run_id: Any, running: bool = False) -> list[str]:
         """Ids of the containers of a flow run: all of them, or only the running ones."""
-        flags = "-q" if running else "-aq"
-        label = f"label=io.prefect.flow-run-id={run_id}"
-        return self.sh("docker", "ps", flags, "--filter", label).stdout.split()
+        label = f"io.prefect.flow-run-id={run_id}"
+        return [c.id for c in engine().containers.list(all=not running, filters={"label": label})]
 
     def registry_tags(self, repository: str) -> list[str]:
         """Tags of a repository in this stack's registry, with its credentials."""

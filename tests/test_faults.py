@@ -212,7 +212,7 @@ def test_a_run_whose_container_dies_unwatched_is_crashed_when_its_heartbeats_sto
     finally:
         with stack.api() as client:
             client.delete_automation(automation)
-        stack.compose("up", "-d", "--wait", "worker-flow", "worker-subflow")
+        stack.compose("up", "-d", "--wait", "--no-deps", "worker-flow", "worker-subflow")
     assert crashed.state.is_crashed(), crashed.state
     assert f"No heartbeat for {SILENCE} s: the flow run's container is gone" in crashed.state.message
     ended = wait_for("the sweep to end the step", lambda: (s := stack.read_run(step.id).state).is_final() and s, 60)

@@ -17,6 +17,7 @@ from prefect.client.schemas.actions import DeploymentUpdate, VariableCreate
 
 from tests.harness import (
     CI,
+    KEEP,
     ROOT,
     S3_KEYS,
     SETTINGS,
@@ -111,13 +112,16 @@ def test_retention_removes_expired_run_data_and_variables(stack):
 
 
 @pytest.fixture(scope="module")
-def s3_mode(stack, file_mode):
-    """The stack switched to the S3 store by configuration, and back to file afterwards."""
+def s3_mode(stack, file_mode, request):
+    """The stack switched to the S3 store by configuration, and back to file afterwards, for the
+    tests after this module's (or the next session's, kept): the stack goes down after the last."""
     stack.use_store("s3://pipeline/data", **S3_STORE)
     yield
     for name in S3_STORE:
         stack.overrides.pop(name)
-    stack.use_store(SETTINGS["PIPELINE_DATA_URL"])
+    items = request.session.items
+    if KEEP or max(i for i, item in enumerate(items) if item.module is request.module) < len(items) - 1:
+        stack.use_store(SETTINGS["PIPELINE_DATA_URL"])
 
 
 def test_s3_mode_gives_the_same_output_as_file_mode(stack, dataset, file_mode, s3_mode):
@@ -254,8 +258,7 @@ def remote_worker(stack, s3_mode, engine, tmp_path_factory):
         [*compose, "up", "-d", "--wait"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
     )
     assert up.returncode == 0, up.stdout + up.stderr
-    yield env
-    subprocess.run([*compose, "down", "-v"], cwd=ROOT, env=env, capture_output=True, timeout=300)
+    yield env  # no `down`: the engine goes, with everything on it
 
 
 @pytest.fixture(scope="module")
