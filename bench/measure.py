@@ -6,9 +6,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import docker
-
 from bench.stack import Bench
+from tests.harness import engine
 
 STEPS = ("validate", "subflow")
 # The long-lived services whose CPU a design's pipeline runs cost: flow containers call the API
@@ -79,7 +78,7 @@ CGROUP_CPU = [
 
 def container_cpu(bench: Bench) -> dict[str, float]:
     """Cumulative CPU-seconds of each long-lived container of the stack, from its cgroup."""
-    client = docker.from_env()
+    client = engine()
     label = f"com.docker.compose.project={bench.stack.project}"
     services = {s for listed in SERVICES.values() for s in listed}  # not one-shot ones, which may be gone by now
     containers = client.containers.list(filters={"label": label})

@@ -144,16 +144,16 @@ def deploy_baseline(client: SyncPrefectClient) -> None:
     entrypoint, parameters and schema) on a process pool with the docker pool's limit, its code
     where the process workers' images hold it. Through the API: nothing to build or push."""
     template = ProcessWorker.get_default_base_job_template()
-    steps = [f"{name}-process" for name in ("validate/validate", "subflow/subflow")]
-    for docker, pool, limit in (
+    steps = [f"{step}-process" for step in ("validate/validate", "subflow/subflow")]
+    for name, pool, limit in (
         ("main-flow/main", POOLS["BASELINE_FLOW_POOL"], SETTINGS["FLOW_POOL_LIMIT"]),
         ("validate/validate", POOLS["BASELINE_VALIDATE_POOL"], SETTINGS["SUBFLOW_POOL_LIMIT"]),
         ("subflow/subflow", POOLS["BASELINE_SUBFLOW_POOL"], SETTINGS["SUBFLOW_POOL_LIMIT"]),
     ):
         pool_spec = WorkPoolCreate(name=pool, type="process", base_job_template=template, concurrency_limit=int(limit))
         client.create_work_pool(pool_spec, overwrite=True)
-        source = client.read_deployment_by_name(docker)
-        parameters = {**source.parameters, **({"steps": steps} if docker == "main-flow/main" else {})}
+        source = client.read_deployment_by_name(name)
+        parameters = {**source.parameters, **({"steps": steps} if name == "main-flow/main" else {})}
         client.create_deployment(
             flow_id=source.flow_id,
             name=f"{source.name}-process",
