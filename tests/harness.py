@@ -5,6 +5,7 @@ so tests and benchmarks run beside the user's stack (project `modular-pipeline`,
 .env) and never stop, change or delete it.
 """
 
+import asyncio
 import functools
 import hashlib
 import json
@@ -31,7 +32,10 @@ from dotenv import dotenv_values
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 from prefect.client.schemas.objects import FlowRun
-from prefect.exceptions import PrefectHTTPStatusError
+from prefect.context import SettingsContext, get_settings_context
+from prefect.exceptions import FlowRunWaitTimeout, PrefectHTTPStatusError
+from prefect.flow_runs import wait_for_flow_run
+from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, Settings, get_current_settings
 
 from stepkit import RunLayout
 from tools.versions import registry_tags
@@ -56,7 +60,19 @@ SOURCES_BUCKET = "sources"
 # How long an e2e test waits for a pipeline run that normally takes seconds: a hung run fails its
 # test fast, naming itself, its state and the workers' last lines, instead of eating the CI budget.
 RUN_DEADLINE = 180
+# A wait for a run to end follows the run's events, and reads the run at least this often: an
+# event lost to a server restart costs seconds, not the deadline.
+EVENT_WAIT_S = 10
 DATA_DIRS: dict[str, Path | None] = {}  # project -> its data volume's directory on this machine, if readable
+
+
+@functools.cache
+def api_settings(api_url: str, auth_string: str) -> Settings:
+    """Prefect's settings with a stack's API, for what reads them (its event subscriber): made once
+    per stack, since each copy of the settings costs about a second of CPU."""
+    return get_current_settings().copy_with_update(
+        updates={PREFECT_API_URL: api_url, PREFECT_API_AUTH_STRING: auth_string}
+    )
 
 
 def wait_for(
@@ -286,10 +302,21 @@ class Stack:
     def wait_final(self, run_id: Any, timeout: float = RUN_DEADLINE) -> FlowRun:
         return wait_for(
             f"run {run_id} to finish",
-            lambda: (run := self.read_run(run_id)).state and run.state.is_final() and run,
+            lambda: self.final_within(run_id),
             timeout=timeout,
+            every=0,  # each check waits on events itself
             diagnose=lambda: self.diagnosis(run_id),
         )
+
+    def final_within(self, run_id: Any, seconds: int = EVENT_WAIT_S) -> FlowRun | None:
+        """The run, once final, if it is within `seconds`: Prefect's `wait_for_flow_run`, which follows
+        the run's state events (a read every half second cost the server 12 ms of CPU each)."""
+        settings = api_settings(self.api_url, self.secret("api-auth-string"))
+        with SettingsContext(profile=get_settings_context().profile, settings=settings):
+            try:
+                return asyncio.run(wait_for_flow_run(run_id, timeout=seconds))
+            except FlowRunWaitTimeout:
+                return None
 
     def diagnosis(self, run_id: Any) -> str:
         """What a hung run looks like: its and its step runs' states and containers, the workers' last lines."""
